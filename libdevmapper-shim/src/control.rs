@@ -1,0 +1,200 @@
+//! The emulated `/dev/mapper/control`: one daemon connection per open, DM ioctls forwarded over it, and
+//! stat results that look like the misc character device 10:236.
+
+use crate::fds;
+use crate::frame::{self, Reader};
+use crate::sys::{self, set_errno};
+use libc::{c_int, c_ulong, c_void};
+use std::sync::{Mutex, OnceLock};
+
+const CONTROL_MAJOR: u32 = 10;
+const CONTROL_MINOR: u32 = 236;
+/// The kernel's `data_size` limit (linux-dm-abi.md §1.1); beyond it only the 312-byte header is sent
+/// and the daemon answers EINVAL, as the kernel does.
+const MAX_DATA: u32 = 1 << 30;
+const DM_IOCTL_SIZE: u32 = 312;
+/// `version[3]` + `data_size`: the least we can send (the daemon needs `data_size` to judge the rest).
+const MIN_SEND: u32 = 16;
+
+/// Opens a control "node": a new daemon connection, marked as control. Returns the fd or -1/errno
+/// (ENODEV when no daemon answers). O_CLOEXEC is honoured only if asked for (libdm does not ask).
+pub fn open(flags: c_int) -> c_int {
+    let fd = match frame::connect(flags & libc::O_CLOEXEC != 0) {
+        Ok(fd) => fd,
+        Err(e) => {
+            set_errno(e);
+            return -1;
+        }
+    };
+    match sys::sys_fstat(fd) {
+        Some(st) => {
+            fds::mark(fd, st.st_ino);
+            fd
+        }
+        None => {
+            sys::sys_close(fd);
+            set_errno(libc::ENODEV);
+            -1
+        }
+    }
+}
+
+/// Serialises exchanges on one connection (threads sharing libdm's cached control fd): frames of two
+/// requests must not interleave. Striped by socket inode so dup'ed fds share a lock.
+static LOCKS: [Mutex<()>; 32] = [const { Mutex::new(()) }; 32];
+
+/// `ioctl(fd, request, arg)` on a control fd whose socket has inode `ino`.
+///
+/// # Safety
+/// As for the real ioctl: `arg` must point at the caller's `struct dm_ioctl` buffer of `data_size` bytes.
+pub unsafe fn ioctl(fd: c_int, ino: u64, request: c_ulong, arg: *mut c_void) -> c_int {
+    if (request >> 8) & 0xff != 0xfd {
+        // The VFS handles these on any fd before the driver sees them; the driver knows no others.
+        return match request {
+            libc::FIOCLEX | libc::FIONCLEX | libc::FIONBIO | libc::FIOASYNC => {
+                sys::pass!(ioctl: unsafe extern "C" fn(c_int, c_ulong, ...) -> c_int, -1; fd, request, arg)
+            }
+            _ => fail(libc::ENOTTY),
+        };
+    }
+    if arg.is_null() {
+        return fail(libc::EFAULT);
+    }
+    let buf = arg.cast::<u8>();
+    // SAFETY: every DM request starts with `struct dm_ioctl`; data_size is the u32 at offset 12.
+    let data_size = unsafe { buf.add(12).cast::<u32>().read_unaligned() };
+    let send_len = if data_size > MAX_DATA {
+        DM_IOCTL_SIZE
+    } else {
+        data_size.max(MIN_SEND)
+    };
+    // Never write past what the caller said its buffer holds (linux-dm-abi.md §2.1 step 9).
+    let cap = data_size.max(MIN_SEND);
+
+    let _guard = LOCKS[(ino % LOCKS.len() as u64) as usize]
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if frame::drain_events(fd).is_err() {
+        return fail(libc::EIO);
+    }
+    let mut head = [0u8; 24];
+    head[..16].copy_from_slice(&frame::header(frame::IOCTL, 8 + send_len));
+    #[allow(clippy::useless_conversion)] // c_ulong is u32 on 32-bit targets
+    head[16..].copy_from_slice(&u64::from(request).to_le_bytes());
+    // SAFETY: the caller's buffer holds at least `send_len` bytes (its own data_size, or the header).
+    let body = unsafe { std::slice::from_raw_parts(buf, send_len as usize) };
+    if frame::send_all(fd, &[&head, body]).is_err() {
+        return fail(libc::EIO);
+    }
+
+    let mut rd = Reader {
+        fd,
+        cancel_on_signal: true,
+        cancelled: false,
+    };
+    // SAFETY: `buf` is writable for `cap` bytes (see above).
+    let reply = unsafe { read_reply(&mut rd, buf, cap) };
+    match reply {
+        Err(frame::Broken) => fail(libc::EIO),
+        // Interrupted and the daemon gave up the request: EINTR, as an interrupted DM_DEV_WAIT gives.
+        // (Had the request completed before our CANCEL landed, its real result stands.)
+        Ok((ret, _)) if rd.cancelled && ret < 0 => fail(libc::EINTR),
+        Ok((ret, 0)) if ret >= 0 => ret,
+        Ok((_, errno)) => fail(if errno > 0 { errno } else { libc::EIO }),
+    }
+}
+
+fn fail(e: c_int) -> c_int {
+    set_errno(e);
+    -1
+}
+
+/// Reads frames up to the `IOCTL_REPLY`, copies at most `cap` of its bytes to `buf`, and returns
+/// (return value, errno). The daemon sends just `version` on failure, so "version is always written
+/// back, the rest only on success" (interposition.md §1.4) follows.
+///
+/// # Safety
+/// `buf` must be writable for `cap` bytes.
+unsafe fn read_reply(rd: &mut Reader, buf: *mut u8, cap: u32) -> Result<(i32, i32), frame::Broken> {
+    let (kind, len) = rd.next_frame()?;
+    if kind != frame::IOCTL_REPLY || len < 8 {
+        return Err(frame::Broken);
+    }
+    let mut status = [0u8; 8];
+    // SAFETY: local buffers, and `buf` for at most `cap` bytes.
+    unsafe {
+        rd.read(status.as_mut_ptr(), 8)?;
+        let copy = (len - 8).min(cap);
+        rd.read(buf, copy as usize)?;
+        rd.skip(u64::from(len - 8 - copy))?;
+    }
+    let ret = i32::from_le_bytes([status[0], status[1], status[2], status[3]]);
+    let errno = i32::from_le_bytes([status[4], status[5], status[6], status[7]]);
+    Ok((ret, errno))
+}
+
+/// A fixed, plausible timestamp for the fake node (first time it was asked for).
+fn node_time() -> i64 {
+    static T: OnceLock<i64> = OnceLock::new();
+    // SAFETY: time(NULL) cannot fail.
+    *T.get_or_init(|| unsafe { libc::time(std::ptr::null_mut()) })
+}
+
+/// Fills a `struct stat`/`stat64` as for `crw------- root root 10, 236`, so libdm neither unlinks nor
+/// re-mknods the node (interposition.md §1.1 item 3) and the socket does not show as S_IFSOCK.
+macro_rules! fake_stat_fn {
+    ($name:ident, $ty:ty) => {
+        /// # Safety
+        /// `st` must be NULL or writable.
+        pub unsafe fn $name(st: *mut $ty) -> c_int {
+            if st.is_null() {
+                return fail(libc::EFAULT);
+            }
+            // SAFETY: caller's contract; all-zero is a valid stat, then set the meaningful fields.
+            let st = unsafe {
+                st.write_bytes(0, 1);
+                &mut *st
+            };
+            let t = node_time();
+            st.st_dev = libc::makedev(0, 5);
+            st.st_ino = u64::from(CONTROL_MINOR) as _;
+            st.st_nlink = 1;
+            st.st_mode = libc::S_IFCHR | 0o600;
+            st.st_rdev = libc::makedev(CONTROL_MAJOR, CONTROL_MINOR);
+            st.st_blksize = 4096;
+            st.st_atime = t;
+            st.st_mtime = t;
+            st.st_ctime = t;
+            0
+        }
+    };
+}
+fake_stat_fn!(fake_stat, libc::stat);
+fake_stat_fn!(fake_stat64, libc::stat64);
+
+/// # Safety
+/// `stx` must be NULL or writable.
+pub unsafe fn fake_statx(stx: *mut libc::statx) -> c_int {
+    if stx.is_null() {
+        return fail(libc::EFAULT);
+    }
+    // SAFETY: caller's contract; all-zero is a valid statx.
+    let stx = unsafe {
+        stx.write_bytes(0, 1);
+        &mut *stx
+    };
+    let t = node_time();
+    stx.stx_mask = libc::STATX_BASIC_STATS;
+    stx.stx_blksize = 4096;
+    stx.stx_nlink = 1;
+    stx.stx_mode = (libc::S_IFCHR | 0o600) as u16;
+    stx.stx_ino = u64::from(CONTROL_MINOR);
+    stx.stx_atime.tv_sec = t;
+    stx.stx_ctime.tv_sec = t;
+    stx.stx_mtime.tv_sec = t;
+    stx.stx_rdev_major = CONTROL_MAJOR;
+    stx.stx_rdev_minor = CONTROL_MINOR;
+    stx.stx_dev_major = 0;
+    stx.stx_dev_minor = 5;
+    0
+}
