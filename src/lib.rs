@@ -5,6 +5,8 @@
 //! * [`ioctl`] — wire codecs: bytes in, typed [`dm::Command`]s out, typed [`dm::Reply`]s back to bytes.
 //! * [`server`] — the control socket, the sysfs tree, the daemon loop.
 
+pub mod bench;
+pub mod client;
 pub mod dm;
 pub mod ioctl;
 pub mod server;

@@ -1,1 +1,312 @@
-//! Server.
+//! The daemon: the control socket (one connection = one open of `/dev/mapper/control`), the
+//! engine behind one lock, event delivery, and the sysfs tree.
+
+pub mod frame;
+pub mod resolver;
+pub mod sysfs;
+
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::dm::{Command, DmError, Engine, EngineConfig};
+use crate::ioctl::linux;
+use frame::{Kind, HEADER_LEN};
+
+/// Daemon settings.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub socket: PathBuf,
+    pub run_dir: PathBuf,
+    pub engine: EngineConfig,
+}
+
+struct State {
+    engine: Engine,
+    sysfs: sysfs::Sysfs,
+}
+
+/// Per-connection poll state: the global event counter saved at connect or DM_DEV_ARM_POLL.
+struct PollState {
+    saved: u64,
+    /// An EVENT frame is outstanding for the current condition.
+    sent: bool,
+}
+
+struct Conn {
+    writer: Mutex<UnixStream>,
+    poll: Mutex<PollState>,
+}
+
+pub struct Daemon {
+    state: Mutex<State>,
+    /// Signalled whenever the global event counter moves (DEV_WAIT sleepers).
+    events: Condvar,
+    conns: Mutex<Vec<Arc<Conn>>>,
+    hello: String,
+    owner_uid: u32,
+}
+
+/// How often a blocked DEV_WAIT looks for a CANCEL frame or a vanished client.
+const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: a valid socket fd and an out-buffer of the size we pass.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
+}
+
+/// Whether the socket has something to read (a frame or EOF) right now.
+fn readable(s: &UnixStream) -> bool {
+    let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+}
+
+impl Daemon {
+    pub fn new(cfg: &ServeConfig, engine: Engine) -> io::Result<Arc<Self>> {
+        let sysfs = sysfs::Sysfs::new(&cfg.run_dir, cfg.engine.major)?;
+        let hello = format!(
+            "major={}\nfile_major={}\nrun_dir={}\nversion={}\n",
+            cfg.engine.major,
+            cfg.engine.file_major,
+            cfg.run_dir.display(),
+            env!("CARGO_PKG_VERSION")
+        );
+        Ok(Arc::new(Self {
+            state: Mutex::new(State { engine, sysfs }),
+            events: Condvar::new(),
+            conns: Mutex::new(Vec::new()),
+            hello,
+            owner_uid: unsafe { libc::geteuid() },
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock must not take every other client down with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Binds the socket (mode 0600) and serves forever.
+    pub fn serve(self: &Arc<Self>, socket: &Path) -> io::Result<()> {
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if UnixStream::connect(socket).is_ok() {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("a daemon already serves {}", socket.display())));
+        }
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket)?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        tracing::info!("serving device-mapper control on {}", socket.display());
+        self.accept_loop(listener)
+    }
+
+    pub fn accept_loop(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
+        for stream in listener.incoming() {
+            match stream {
+                Ok(s) => {
+                    let me = self.clone();
+                    std::thread::spawn(move || me.connection(s));
+                }
+                Err(e) => tracing::warn!("accept: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn connection(self: Arc<Self>, mut stream: UnixStream) {
+        let uid = peer_uid(&stream);
+        let privileged = matches!(uid, Some(u) if u == 0 || u == self.owner_uid);
+        let Ok(writer) = stream.try_clone() else { return };
+        let saved = self.lock().engine.global_event();
+        let conn = Arc::new(Conn { writer: Mutex::new(writer), poll: Mutex::new(PollState { saved, sent: false }) });
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).push(conn.clone());
+        tracing::debug!("client connected (uid {uid:?})");
+        if let Err(e) = self.serve_connection(&mut stream, &conn, privileged) {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                tracing::warn!("client connection closed: {e}");
+            }
+        }
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).retain(|c| !Arc::ptr_eq(c, &conn));
+    }
+
+    fn serve_connection(&self, stream: &mut UnixStream, conn: &Conn, privileged: bool) -> io::Result<()> {
+        loop {
+            let mut raw = [0u8; HEADER_LEN];
+            stream.read_exact(&mut raw)?;
+            let (kind, h) = frame::parse_request_header(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let payload = frame::read_payload(stream, h.len)?;
+            match kind {
+                Kind::Hello => self.send(conn, Kind::HelloReply, &[self.hello.as_bytes()])?,
+                Kind::Cancel => {}
+                Kind::Ioctl => {
+                    let Some((req, buf)) = payload.split_first_chunk::<8>() else {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "IOCTL frame shorter than its request number"));
+                    };
+                    let Some(enc) = self.ioctl(stream, conn, u64::from_le_bytes(*req), buf, privileged)? else {
+                        return Ok(());
+                    };
+                    self.send(conn, Kind::IoctlReply, &[&frame::ioctl_reply(enc.ret, enc.errno, &enc.bytes)])?;
+                    self.after_reply(conn)?;
+                }
+                Kind::Plist => {
+                    // The NetBSD form arrives with the proplib codec; until then it is not a
+                    // request this node understands.
+                    self.send(conn, Kind::IoctlReply, &[&frame::ioctl_reply(-1, libc::ENOTTY, &[])])?;
+                }
+                _ => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected frame kind {kind:?}"))),
+            }
+        }
+    }
+
+    fn send(&self, conn: &Conn, kind: Kind, parts: &[&[u8]]) -> io::Result<()> {
+        let mut w = conn.writer.lock().unwrap_or_else(|p| p.into_inner());
+        frame::write_frame(&mut *w, kind, parts)
+    }
+
+    /// Re-raises the poll condition after a reply while it still holds (the client drains EVENT
+    /// frames before each request).
+    fn after_reply(&self, conn: &Conn) -> io::Result<()> {
+        let global = self.lock().engine.global_event();
+        let mut p = conn.poll.lock().unwrap_or_else(|p| p.into_inner());
+        if p.saved != global {
+            p.sent = true;
+            drop(p);
+            self.send(conn, Kind::Event, &[])?;
+        }
+        Ok(())
+    }
+
+    /// Tells every connection whose poll condition just became true.
+    fn broadcast_events(&self, global: u64) {
+        self.events.notify_all();
+        let conns: Vec<Arc<Conn>> = self.conns.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for c in conns {
+            let mut p = c.poll.lock().unwrap_or_else(|p| p.into_inner());
+            if p.saved != global && !p.sent {
+                p.sent = true;
+                drop(p);
+                let _ = self.send(&c, Kind::Event, &[]);
+            }
+        }
+    }
+
+    /// One ioctl: decode, run, encode. `None` means the client went away mid-wait.
+    fn ioctl(&self, stream: &mut UnixStream, conn: &Conn, request: u64, buf: &[u8], privileged: bool) -> io::Result<Option<linux::Encoded>> {
+        let decoded = match linux::decode(request, buf) {
+            Ok(linux::Decoded::Version) => return Ok(Some(linux::encode_version())),
+            Ok(linux::Decoded::Command(d)) => d,
+            Err(e) => {
+                // The kernel looks the device up before parsing some payloads: a missing device
+                // then wins with ENXIO.
+                let err = match &e.lookup_first {
+                    Some(key) if self.lock().engine.event_nr(key).is_err() => DmError::NoDevice(format!("{key:?}")),
+                    _ => e.error.clone(),
+                };
+                tracing::info!("ioctl {request:#x} refused: {e}");
+                return Ok(Some(linux::encode_error(request, buf, &err)));
+            }
+        };
+        let cmd_name = crate::ioctl::linux::command_name(decoded.nr);
+        if decoded.request.command.mutates() && !privileged {
+            tracing::info!("{cmd_name} refused: caller is not privileged");
+            return Ok(Some(decoded.encode_error(&DmError::Access)));
+        }
+        let mut st = self.lock();
+        let before = st.engine.global_event();
+        if let Command::DevWait { key, event_nr, .. } = &decoded.request.command {
+            loop {
+                match st.engine.event_nr(key) {
+                    Ok(n) if n != *event_nr => break,
+                    Ok(_) => {}
+                    Err(_) => break, // the engine reports the missing device below
+                }
+                st = self.events.wait_timeout(st, WAIT_SLICE).unwrap_or_else(|p| p.into_inner()).0;
+                if readable(stream) {
+                    drop(st);
+                    let mut raw = [0u8; HEADER_LEN];
+                    if stream.read_exact(&mut raw).is_err() {
+                        return Ok(None);
+                    }
+                    let (kind, _) = frame::parse_request_header(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    if kind != Kind::Cancel {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "request sent while DM_DEV_WAIT was pending"));
+                    }
+                    return Ok(Some(decoded.encode_error(&DmError::Interrupted)));
+                }
+            }
+        }
+        if matches!(decoded.request.command, Command::ArmPoll) {
+            let mut p = conn.poll.lock().unwrap_or_else(|p| p.into_inner());
+            p.saved = before;
+            p.sent = false;
+        }
+        let mutates = decoded.request.command.mutates();
+        let result = st.engine.execute(decoded.request.clone());
+        if mutates {
+            let State { engine, sysfs } = &mut *st;
+            sysfs.sync(engine);
+        }
+        let after = st.engine.global_event();
+        drop(st);
+        if after != before {
+            self.broadcast_events(after);
+        }
+        Ok(Some(match result {
+            Ok(reply) => {
+                tracing::debug!("{cmd_name} ok");
+                linux::encode(&reply, &decoded)
+            }
+            Err(e) => {
+                tracing::info!("{cmd_name} failed: {e}");
+                decoded.encode_error(&e)
+            }
+        }))
+    }
+}
+
+/// Picks block majors the real /proc/devices does not list, from 254 down as Linux allocates
+/// dynamic majors: the first for dmemu's devices, the next for regular-file pdevs.
+pub fn free_majors(proc_devices: &str) -> (u32, u32) {
+    let mut used = std::collections::HashSet::new();
+    let mut in_block = false;
+    for line in proc_devices.lines() {
+        if line.starts_with("Block devices") {
+            in_block = true;
+            continue;
+        }
+        if in_block {
+            if let Some(n) = line.split_whitespace().next().and_then(|n| n.parse::<u32>().ok()) {
+                used.insert(n);
+            }
+        }
+    }
+    let mut free = (234..=254u32).rev().filter(|m| !used.contains(m));
+    let a = free.next().unwrap_or(252);
+    let b = free.next().unwrap_or(251);
+    (a, b)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn majors_skip_listed_block_majors() {
+        let pd = "Character devices:\n252 dax\n\nBlock devices:\n  7 loop\n253 zram\n254 virtblk\n259 blkext\n";
+        assert_eq!(super::free_majors(pd), (252, 251));
+    }
+}

@@ -1,0 +1,264 @@
+//! Control-plane benchmarks (`dmemu bench`). Results and the exact commands: docs/PERFORMANCE.md.
+//!
+//! Every figure runs against a real daemon process (this executable's `serve`) through the real
+//! socket, and the peer it is compared with runs in the same invocation.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::client::{Client, IoctlBuf};
+use crate::ioctl::layout::{DmCmd, DmFlags};
+use crate::server::frame::{self, Kind, HEADER_LEN};
+
+type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// DEV_STATUS round trips per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    pub round_trips: u32,
+    /// create+load+resume+remove cycles.
+    #[arg(long, default_value_t = 2_000)]
+    pub cycles: u32,
+    /// Targets in the big linear table.
+    #[arg(long, default_value_t = 1_048_576)]
+    pub targets: u32,
+    /// Pin the client and both servers to CPU 0 (as well as the unpinned run).
+    #[arg(long)]
+    pub pin: bool,
+    /// Internal: serve a bare echo on this socket (the round-trip peer).
+    #[arg(long, hide = true)]
+    pub echo_server: Option<PathBuf>,
+}
+
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, applied to this thread/process.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn unpin() {
+    // SAFETY: as above, all CPUs.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for i in 0..libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(i, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// A child process that dies with the bench.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_self(args: &[&str], socket: &Path, pin: bool) -> Result<Proc> {
+    let mut c = Command::new(std::env::current_exe()?);
+    c.args(args).arg(socket).stdout(Stdio::null()).stderr(Stdio::null());
+    if pin {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: sched_setaffinity is async-signal-safe.
+        unsafe {
+            c.pre_exec(|| {
+                pin_to_cpu0();
+                Ok(())
+            });
+        }
+    }
+    let p = Proc(c.spawn()?);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(socket).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("server at {} did not start", socket.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(p)
+}
+
+/// The peer: reads a frame, answers with a reply frame of the same size as dmemu's DEV_STATUS
+/// reply, with no decoding at all.
+fn echo_server(path: &Path) -> Result {
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)?;
+    for s in l.incoming() {
+        let mut s = s?;
+        std::thread::spawn(move || {
+            let mut h = [0u8; HEADER_LEN];
+            let mut reply = vec![0u8; 8 + 305];
+            while s.read_exact(&mut h).is_ok() {
+                let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+                let Ok(p) = frame::read_payload(&mut s, len) else { return };
+                let n = p.len().min(reply.len());
+                reply[..n].copy_from_slice(&p[..n]);
+                if frame::write_frame(&mut s, Kind::IoctlReply, &[&reply]).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn rate(n: u32, t: Duration) -> f64 {
+    n as f64 / t.as_secs_f64()
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))))
+        .unwrap_or(0)
+}
+
+fn check(r: &crate::client::IoctlResult, what: &str) -> Result {
+    if r.ret < 0 {
+        return Err(format!("{what} failed: errno {}", r.errno).into());
+    }
+    Ok(())
+}
+
+/// DEV_STATUS round trips on one connection against the bare echo, same message sizes.
+fn round_trips(dir: &Path, n: u32, pin: bool) -> Result<(f64, f64)> {
+    if pin {
+        pin_to_cpu0();
+    }
+    let dm_sock = dir.join(if pin { "rt-pinned.sock" } else { "rt.sock" });
+    let echo_sock = dir.join(if pin { "echo-pinned.sock" } else { "echo.sock" });
+    let _d = spawn_self(&["serve", "--log", "warn", "--socket"], &dm_sock, pin)?;
+    let _e = spawn_self(&["bench", "--echo-server"], &echo_sock, pin)?;
+    let mut c = Client::connect(&dm_sock)?;
+    check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name("rt"))?, "create")?;
+    let status = IoctlBuf { size: 312, ..IoctlBuf::new(DmCmd::DevStatus).name("rt") };
+    let req = status.bytes();
+    let mut e = Client::connect(&echo_sock)?;
+    // Warm up both, then alternate measurement blocks so drift hits both alike.
+    for _ in 0..1000 {
+        c.ioctl(DmCmd::DevStatus.request(), &req)?;
+        e.ioctl(DmCmd::DevStatus.request(), &req)?;
+    }
+    let (mut td, mut te) = (Duration::ZERO, Duration::ZERO);
+    let blocks = 10;
+    for _ in 0..blocks {
+        let t = Instant::now();
+        for _ in 0..n / blocks {
+            let r = c.ioctl(DmCmd::DevStatus.request(), &req)?;
+            debug_assert_eq!(r.ret, 0);
+        }
+        td += t.elapsed();
+        let t = Instant::now();
+        for _ in 0..n / blocks {
+            e.ioctl(DmCmd::DevStatus.request(), &req)?;
+        }
+        te += t.elapsed();
+    }
+    if pin {
+        unpin();
+    }
+    Ok((rate(n, td), rate(n, te)))
+}
+
+fn cycles(dir: &Path, n: u32) -> Result<f64> {
+    let sock = dir.join("cycles.sock");
+    let _d = spawn_self(&["serve", "--log", "warn", "--socket"], &sock, false)?;
+    let mut c = Client::connect(&sock)?;
+    let t = Instant::now();
+    for _ in 0..n {
+        check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name("cyc"))?, "create")?;
+        check(&c.run(&IoctlBuf::new(DmCmd::TableLoad).name("cyc").table([(0, 2048, "zero", "")]))?, "load")?;
+        check(&c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("cyc"))?, "resume")?;
+        check(&c.run(&IoctlBuf::new(DmCmd::DevRemove).name("cyc"))?, "remove")?;
+    }
+    Ok(rate(n, t.elapsed()))
+}
+
+struct BigTable {
+    encode: Duration,
+    load: Duration,
+    resume: Duration,
+    rss_per_target: f64,
+}
+
+fn big_table(dir: &Path, n: u32) -> Result<BigTable> {
+    let sock = dir.join("big.sock");
+    let d = spawn_self(&["serve", "--log", "warn", "--socket"], &sock, false)?;
+    let file = dir.join("big.img");
+    std::fs::File::create(&file)?.set_len(n as u64 * 8 * 512)?;
+    let path = file.to_string_lossy().into_owned();
+    let t = Instant::now();
+    let offsets: Vec<String> = (0..n as u64).map(|i| format!("{path} {}", i * 8)).collect();
+    let buf = IoctlBuf::new(DmCmd::TableLoad).name("big").table(offsets.iter().enumerate().map(|(i, p)| (i as u64 * 8, 8, "linear", p.as_str())));
+    let bytes = buf.bytes();
+    drop(offsets);
+    let encode = t.elapsed();
+    let mut c = Client::connect(&sock)?;
+    check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name("big"))?, "create")?;
+    std::thread::sleep(Duration::from_millis(200));
+    let before = vm_rss_kib(d.0.id());
+    let t = Instant::now();
+    check(&c.ioctl(DmCmd::TableLoad.request(), &bytes)?, "load")?;
+    let load = t.elapsed();
+    let t = Instant::now();
+    check(&c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("big"))?, "resume")?;
+    let resume = t.elapsed();
+    std::thread::sleep(Duration::from_millis(200));
+    let after = vm_rss_kib(d.0.id());
+    let st = c.run(&IoctlBuf::new(DmCmd::DevStatus).name("big"))?;
+    if st.header().target_count != n || !st.header().flags().contains(DmFlags::ACTIVE_PRESENT) {
+        return Err("big table not live after resume".into());
+    }
+    let _ = std::fs::remove_file(&file);
+    Ok(BigTable { encode, load, resume, rss_per_target: (after.saturating_sub(before) * 1024) as f64 / n as f64 })
+}
+
+pub fn run(args: BenchArgs) -> Result {
+    if let Some(p) = args.echo_server {
+        return echo_server(&p);
+    }
+    let dir = std::env::temp_dir().join(format!("dmemu-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .unwrap_or_default();
+    println!("machine: {} CPUs, {cpu}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    let mut runs = vec![false];
+    if args.pin {
+        runs.push(true);
+    }
+    for pin in runs {
+        let (dm, echo) = round_trips(&dir, args.round_trips, pin)?;
+        println!(
+            "DEV_STATUS round trips ({}): dmemu {:.0}/s, bare echo {:.0}/s, ratio {:.2}",
+            if pin { "client and servers pinned to CPU 0" } else { "unpinned" },
+            dm,
+            echo,
+            dm / echo
+        );
+    }
+    println!("create+load+resume+remove cycles: {:.0}/s", cycles(&dir, args.cycles)?);
+    let b = big_table(&dir, args.targets)?;
+    println!(
+        "{}-target linear table: load {:.3} s, resume {:.3} s, load+resume {:.3} s, {:.1} resident bytes/target (buffer built client-side in {:.3} s)",
+        args.targets,
+        b.load.as_secs_f64(),
+        b.resume.as_secs_f64(),
+        (b.load + b.resume).as_secs_f64(),
+        b.rss_per_target,
+        b.encode.as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::io::stdout().flush();
+    Ok(())
+}

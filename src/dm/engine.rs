@@ -1,0 +1,450 @@
+//! The engine: every command runs here, synchronously, against devices, tables and pdevs.
+//! Like the kernel's dm-ioctl.c handlers, minus the copying (the codecs do that).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::command::*;
+use super::device::Device;
+use super::error::{DmError, DmResult};
+use super::pdev::{DeviceResolver, Pdev, PdevKind, PdevRegistry};
+use super::table::Table;
+use super::target::{split_args, BuildEnv, TargetRegistry};
+use super::types::*;
+use crate::invalid;
+
+/// Engine-wide settings.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Block major of dmemu's devices.
+    pub major: u32,
+    /// Pseudo major given to regular files used as underlying devices.
+    pub file_major: u32,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    /// By minor.
+    devices: BTreeMap<u32, Device>,
+    /// Name → minor, in `strcmp` order (LIST_DEVICES order, linux-dm-abi.md §2.4).
+    by_name: BTreeMap<String, u32>,
+    by_uuid: HashMap<String, u32>,
+    pdevs: PdevRegistry,
+    targets: TargetRegistry,
+    resolver: Box<dyn DeviceResolver>,
+    /// Global event counter (§2.9): moves on create/remove/rename, table swaps and device events.
+    global_event: u64,
+}
+
+fn no_device(key: &DevKey) -> DmError {
+    DmError::NoDevice(format!("{key:?}"))
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig, targets: TargetRegistry, resolver: Box<dyn DeviceResolver>) -> Self {
+        Self {
+            cfg,
+            devices: BTreeMap::new(),
+            by_name: BTreeMap::new(),
+            by_uuid: HashMap::new(),
+            pdevs: PdevRegistry::new(cfg.major, cfg.file_major),
+            targets,
+            resolver,
+            global_event: 0,
+        }
+    }
+
+    pub fn config(&self) -> EngineConfig {
+        self.cfg
+    }
+    pub fn global_event(&self) -> u64 {
+        self.global_event
+    }
+    pub fn devices(&self) -> impl Iterator<Item = &Device> {
+        self.devices.values()
+    }
+    pub fn device(&self, minor: u32) -> Option<&Device> {
+        self.devices.get(&minor)
+    }
+    pub fn pdevs(&self) -> &PdevRegistry {
+        &self.pdevs
+    }
+
+    /// The current event counter of a device (for DEV_WAIT, which the server blocks on).
+    pub fn event_nr(&self, key: &DevKey) -> DmResult<u32> {
+        Ok(self.devices[&self.find(key)?].event_nr)
+    }
+
+    fn find(&self, key: &DevKey) -> DmResult<u32> {
+        let minor = match key {
+            DevKey::Name(n) => self.by_name.get(n).copied(),
+            DevKey::Uuid(u) => self.by_uuid.get(u).copied(),
+            DevKey::Dev(d) if d.major == self.cfg.major => Some(d.minor).filter(|m| self.devices.contains_key(m)),
+            DevKey::Dev(_) => None,
+        };
+        minor.ok_or_else(|| no_device(key))
+    }
+
+    fn dev_num(&self, minor: u32) -> DevNum {
+        DevNum::new(self.cfg.major, minor)
+    }
+
+    /// Openers of a device: block-device opens plus every table (live or inactive, of any device)
+    /// that uses it, as the kernel's table loads open their devices.
+    pub fn open_count(&self, minor: u32) -> i32 {
+        let me = self.dev_num(minor);
+        let holders = self
+            .devices
+            .values()
+            .flat_map(|d| d.live.as_deref().into_iter().chain(d.inactive.as_ref()))
+            .filter(|t| t.uses(me))
+            .count() as i32;
+        self.devices.get(&minor).map_or(0, |d| d.opens) + holders
+    }
+
+    /// The kernel's `__dev_status` (linux-dm-abi.md §2.3).
+    fn info(&self, minor: u32, query_inactive: bool) -> DevInfo {
+        let d = &self.devices[&minor];
+        let mut info = DevInfo {
+            name: d.name.clone(),
+            uuid: d.uuid.clone(),
+            dev: self.dev_num(minor),
+            open_count: self.open_count(minor),
+            event_nr: d.event_nr,
+            target_count: 0,
+            suspended: d.suspended,
+            read_only: false,
+            active_present: d.live.is_some(),
+            inactive_present: d.inactive.is_some(),
+            deferred_remove: d.deferred_remove,
+        };
+        if let Some(live) = &d.live {
+            if !query_inactive {
+                info.read_only = d.read_only;
+                info.target_count = live.len() as u32;
+            }
+        }
+        if query_inactive {
+            if let Some(t) = &d.inactive {
+                info.read_only = t.read_only();
+                info.target_count = t.len() as u32;
+            }
+        }
+        info
+    }
+
+    /// Runs one command.
+    pub fn execute(&mut self, req: Request) -> DmResult<Reply> {
+        let qi = req.query_inactive;
+        let reply = match req.command {
+            Command::Version => Ok(Reply::Version),
+            Command::RemoveAll { deferred } => {
+                self.remove_all(deferred);
+                Ok(Reply::Nothing)
+            }
+            Command::ListDevices { name_prefix, uuid_prefix, with_uuid } => {
+                Ok(Reply::DeviceList(self.list(&name_prefix, &uuid_prefix, with_uuid)))
+            }
+            Command::DevCreate { name, uuid, minor } => self.create(name, uuid, minor).map(|m| Reply::Device(self.info(m, qi))),
+            Command::DevRemove { key, deferred } => self.remove(&key, deferred),
+            Command::DevRename { name, to } => self.rename(&name, to).map(|m| Reply::Renamed(self.info(m, qi))),
+            Command::DevSuspend { key, opts } => {
+                let m = self.find(&key)?;
+                self.suspend(m, opts);
+                Ok(Reply::Device(self.info(m, qi)))
+            }
+            Command::DevResume { key, opts } => {
+                let m = self.find(&key)?;
+                self.resume(m, opts)?;
+                Ok(Reply::Device(self.info(m, qi)))
+            }
+            Command::DevStatus { key } => self.find(&key).map(|m| Reply::Device(self.info(m, qi))),
+            Command::DevWait { key, status, noflush, .. } | Command::TableStatus { key, status, noflush } => {
+                let m = self.find(&key)?;
+                let d = &self.devices[&m];
+                let table = if qi { d.inactive.as_ref() } else { d.live.as_deref() };
+                Ok(Reply::Status(self.info(m, qi), table.map(|t| t.status(status, noflush))))
+            }
+            Command::TableLoad { key, targets, read_only } => {
+                let m = self.find(&key)?;
+                self.load(m, &targets, read_only)?;
+                Ok(Reply::Device(self.info(m, qi)))
+            }
+            Command::TableClear { key } => {
+                let m = self.find(&key)?;
+                self.devices.get_mut(&m).expect("found").inactive = None;
+                Ok(Reply::Device(self.info(m, qi)))
+            }
+            Command::TableDeps { key } => {
+                let m = self.find(&key)?;
+                let d = &self.devices[&m];
+                let table = if qi { d.inactive.as_ref() } else { d.live.as_deref() };
+                Ok(Reply::Deps(self.info(m, qi), table.map(Table::deps)))
+            }
+            Command::ListVersions => Ok(Reply::Versions(
+                self.targets.list().map(|t| TargetVersion { name: t.name.to_owned(), version: t.version }).collect(),
+            )),
+            Command::GetTargetVersion { name } => {
+                let t = self.targets.get(&name)?;
+                Ok(Reply::TargetVersion(TargetVersion { name: t.name.to_owned(), version: t.version }))
+            }
+            Command::TargetMsg { key, sector, message } => self.message(&key, sector, &message, qi),
+            Command::SetGeometry { key, geometry } => {
+                let m = self.find(&key)?;
+                check_geometry(&geometry)?;
+                self.devices.get_mut(&m).expect("found").geometry = Some(geometry);
+                Ok(Reply::Nothing)
+            }
+            Command::ArmPoll => Ok(Reply::ArmPoll),
+        };
+        self.reap_deferred();
+        reply
+    }
+
+    fn list(&self, name_prefix: &str, uuid_prefix: &str, with_uuid: bool) -> Vec<NameEntry> {
+        self.by_name
+            .range(name_prefix.to_owned()..)
+            .take_while(|(n, _)| n.starts_with(name_prefix))
+            .map(|(_, m)| &self.devices[m])
+            .filter(|d| d.uuid.as_ref().map_or("", |u| u.as_str()).starts_with(uuid_prefix))
+            .map(|d| NameEntry {
+                dev: self.dev_num(d.minor),
+                name: d.name.clone(),
+                event_nr: d.event_nr,
+                uuid: if with_uuid { d.uuid.clone() } else { None },
+            })
+            .collect()
+    }
+
+    fn create(&mut self, name: DmName, uuid: Option<DmUuid>, minor: Option<u32>) -> DmResult<u32> {
+        // Minor allocation comes first and any failure is ENXIO (linux-dm-abi.md §2.4).
+        let minor = match minor {
+            Some(m) if m >= MINOR_LIMIT || self.devices.contains_key(&m) => {
+                return Err(DmError::NoDevice(format!("minor {m} unavailable")))
+            }
+            Some(m) => m,
+            None => (0..MINOR_LIMIT)
+                .find(|m| !self.devices.contains_key(m))
+                .ok_or_else(|| DmError::NoDevice("no free minor".into()))?,
+        };
+        if self.by_name.contains_key(name.as_str()) {
+            return Err(DmError::Busy(format!("device name {name} already in use")));
+        }
+        if let Some(u) = &uuid {
+            if self.by_uuid.contains_key(u.as_str()) {
+                return Err(DmError::Busy(format!("uuid {u} already in use")));
+            }
+            self.by_uuid.insert(u.as_str().to_owned(), minor);
+        }
+        self.by_name.insert(name.as_str().to_owned(), minor);
+        self.devices.insert(minor, Device::new(name, uuid, minor));
+        self.global_event += 1;
+        Ok(minor)
+    }
+
+    /// Drops a device that nothing holds open.
+    fn destroy(&mut self, minor: u32) -> Device {
+        let mut d = self.devices.remove(&minor).expect("device exists");
+        if d.table_event() {
+            self.global_event += 1;
+        }
+        self.by_name.remove(d.name.as_str());
+        if let Some(u) = &d.uuid {
+            self.by_uuid.remove(u.as_str());
+        }
+        self.global_event += 1;
+        d
+    }
+
+    fn remove(&mut self, key: &DevKey, deferred: bool) -> DmResult<Reply> {
+        let m = self.find(key)?;
+        if self.open_count(m) > 0 {
+            if deferred {
+                let d = self.devices.get_mut(&m).expect("found");
+                d.deferred_remove = true;
+                return Ok(Reply::Removed { name: d.name.clone(), uuid: d.uuid.clone(), deferred: true });
+            }
+            return Err(DmError::Busy(format!("device {} is open", self.devices[&m].name)));
+        }
+        let d = self.destroy(m);
+        Ok(Reply::Removed { name: d.name, uuid: d.uuid, deferred: false })
+    }
+
+    /// Removes every unopened device, repeating while progress is made so stacks come apart
+    /// top-down (the kernel's `dm_hash_remove_all`).
+    fn remove_all(&mut self, deferred: bool) {
+        loop {
+            let victim = self.devices.keys().copied().find(|&m| self.open_count(m) == 0);
+            match victim {
+                Some(m) => {
+                    self.destroy(m);
+                }
+                None => break,
+            }
+        }
+        if deferred {
+            for d in self.devices.values_mut() {
+                d.deferred_remove = true;
+            }
+        }
+        if !self.devices.is_empty() {
+            tracing::warn!("remove_all left {} open device(s)", self.devices.len());
+        }
+    }
+
+    /// Removes devices marked for deferred removal once nothing holds them.
+    fn reap_deferred(&mut self) {
+        while let Some(m) = self.devices.values().find(|d| d.deferred_remove).map(|d| d.minor).filter(|&m| self.open_count(m) == 0) {
+            tracing::info!("deferred removal of {}", self.devices[&m].name);
+            self.destroy(m);
+        }
+    }
+
+    fn rename(&mut self, name: &str, to: RenameTo) -> DmResult<u32> {
+        // Order of checks as the kernel's dm_hash_rename (linux-dm-abi.md §2.4).
+        match &to {
+            RenameTo::Name(n) if self.by_name.contains_key(n.as_str()) => {
+                return Err(DmError::Busy(format!("name {n} already in use")))
+            }
+            RenameTo::Uuid(u) if self.by_uuid.contains_key(u.as_str()) => {
+                return Err(DmError::Busy(format!("uuid {u} already in use")))
+            }
+            _ => {}
+        }
+        let m = *self.by_name.get(name).ok_or_else(|| DmError::NoDevice(name.to_owned()))?;
+        let d = self.devices.get_mut(&m).expect("indexed");
+        match to {
+            RenameTo::Uuid(u) => {
+                if let Some(old) = &d.uuid {
+                    return Err(invalid!("device {name} already has uuid {old}"));
+                }
+                self.by_uuid.insert(u.as_str().to_owned(), m);
+                d.uuid = Some(u);
+            }
+            RenameTo::Name(n) => {
+                self.by_name.remove(name);
+                self.by_name.insert(n.as_str().to_owned(), m);
+                d.name = n;
+            }
+        }
+        if d.table_event() {
+            self.global_event += 1;
+        }
+        self.global_event += 1;
+        Ok(m)
+    }
+
+    fn suspend(&mut self, m: u32, opts: SuspendOpts) {
+        let d = self.devices.get_mut(&m).expect("found");
+        if d.suspended {
+            return;
+        }
+        if let Some(t) = &d.live {
+            t.presuspend(opts.noflush);
+            t.postsuspend();
+        }
+        d.suspended = true;
+    }
+
+    fn size_of(&self, p: &Pdev) -> Sectors {
+        match p.kind {
+            PdevKind::Dm { minor } => self.devices.get(&minor).map(Device::size).unwrap_or_default(),
+            _ => p.size,
+        }
+    }
+
+    fn resume(&mut self, m: u32, opts: SuspendOpts) -> DmResult<()> {
+        if let Some(new) = self.devices.get_mut(&m).expect("found").inactive.take() {
+            self.suspend(m, opts);
+            // Range checks for tables after the first happen at swap (linux-dm-abi.md §2.5); on
+            // failure the new table is discarded and the device stays suspended.
+            new.validate_areas(&|p| self.size_of(p))?;
+            let d = self.devices.get_mut(&m).expect("found");
+            if new.size() != d.size() {
+                d.geometry = None;
+            }
+            d.read_only = new.read_only();
+            d.live = Some(Arc::new(new));
+            self.global_event += 1;
+        }
+        let d = self.devices.get_mut(&m).expect("found");
+        if d.suspended {
+            match &d.live {
+                Some(t) if t.size().0 > 0 => t.resume(),
+                _ => return Err(invalid!("cannot resume {}: no live table", d.name)),
+            }
+            d.suspended = false;
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, m: u32, specs: &[TargetSpec], read_only: bool) -> DmResult<()> {
+        let by_name: HashMap<String, u32> = self.by_name.clone().into_iter().collect();
+        let minors: std::collections::HashSet<u32> = self.devices.keys().copied().collect();
+        let dm_by_name = |n: &str| by_name.get(n).copied();
+        let dm_exists = |x: u32| minors.contains(&x);
+        let mut env = BuildEnv {
+            self_minor: m,
+            pdevs: &mut self.pdevs,
+            resolver: &*self.resolver,
+            dm_by_name: &dm_by_name,
+            dm_exists: &dm_exists,
+            cache: HashMap::new(),
+        };
+        let table = Table::build(specs, read_only, &self.targets, &mut env)?;
+        let first = !self.devices[&m].queue_initialized;
+        if first {
+            table.validate_areas(&|p| self.size_of(p))?;
+        }
+        let d = self.devices.get_mut(&m).expect("found");
+        d.queue_initialized = true;
+        d.inactive = Some(table);
+        Ok(())
+    }
+
+    fn message(&mut self, key: &DevKey, sector: Sectors, message: &str, qi: bool) -> DmResult<Reply> {
+        let m = self.find(key)?;
+        let argv = split_args(message);
+        let Some(first) = argv.first() else {
+            return Err(invalid!("empty message"));
+        };
+        if first.starts_with('@') {
+            return self.core_message(m, &argv, qi);
+        }
+        let d = &self.devices[&m];
+        let Some(live) = d.live.clone() else {
+            return Ok(Reply::MessageNoTable);
+        };
+        let t = live.find(sector).ok_or_else(|| invalid!("message sector {sector} beyond device"))?;
+        let out = t.target.message(&argv)?;
+        // A target message may raise a table event (e.g. multipath path changes); targets report
+        // those through their own hooks in later issues.
+        Ok(Reply::Message(self.info(m, qi), out))
+    }
+
+    /// Messages to the device core rather than a target (linux-dm-abi.md §2.7).
+    fn core_message(&mut self, m: u32, argv: &[String], qi: bool) -> DmResult<Reply> {
+        let d = self.devices.get_mut(&m).expect("found");
+        match argv[0].to_ascii_lowercase().as_str() {
+            "@cancel_deferred_remove" => {
+                if argv.len() != 1 {
+                    return Err(invalid!("invalid arguments for @cancel_deferred_remove"));
+                }
+                d.deferred_remove = false;
+                Ok(Reply::Message(self.info(m, qi), None))
+            }
+            w => Err(invalid!("unsupported message {w}")),
+        }
+    }
+}
+
+/// DM_DEV_SET_GEOMETRY limits (linux-dm-abi.md §2.4).
+pub fn check_geometry(g: &Geometry) -> DmResult<()> {
+    if g.cylinders > 65535 || g.heads > 255 || g.sectors > 255 {
+        return Err(invalid!("geometry out of range"));
+    }
+    if g.start > g.cylinders * g.heads * g.sectors {
+        return Err(invalid!("start sector is beyond the geometry limits"));
+    }
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! A table: ordered targets covering sectors 0..size without gaps (NetBSD's dm_table.c,
+//! Linux's dm-table.c).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::command::{TargetSpec, TargetStatus};
+use super::error::{DmError, DmResult};
+use super::pdev::Pdev;
+use super::target::{split_args, BuildEnv, CtorCtx, Target, TargetRegistry, TargetType};
+use super::types::{DevNum, Sectors, StatusType, MAX_TARGETS};
+use crate::invalid;
+
+/// One target instance and where it sits in the device.
+pub struct TableTarget {
+    pub start: Sectors,
+    pub len: Sectors,
+    pub ty: &'static TargetType,
+    pub target: Box<dyn Target>,
+}
+
+pub struct Table {
+    targets: Vec<TableTarget>,
+    read_only: bool,
+    /// Distinct underlying devices, newest first (the kernel pushes at the head of its list, which
+    /// is the order TABLE_DEPS reports: linux-dm-abi.md §2.4).
+    devices: Vec<Arc<Pdev>>,
+}
+
+/// Largest sector count a table may reach (`LLONG_MAX >> 9`, linux-dm-abi.md §2.5).
+const MAX_SECTORS: u64 = (i64::MAX as u64) >> 9;
+
+impl Table {
+    /// Builds a table from its lines with the kernel's checks (linux-dm-abi.md §2.5), running each
+    /// target's constructor.
+    pub fn build(
+        specs: &[TargetSpec],
+        read_only: bool,
+        registry: &TargetRegistry,
+        env: &mut BuildEnv<'_>,
+    ) -> DmResult<Table> {
+        if specs.is_empty() {
+            return Err(invalid!("table has no targets"));
+        }
+        if specs.len() > MAX_TARGETS {
+            return Err(DmError::Overflow(format!("{} targets", specs.len())));
+        }
+        let mut targets = Vec::with_capacity(specs.len());
+        let mut next_start = 0u64;
+        for (i, spec) in specs.iter().enumerate() {
+            if spec.length.0 == 0 {
+                return Err(invalid!("zero-length target {i}"));
+            }
+            let end = spec
+                .start
+                .0
+                .checked_add(spec.length.0)
+                .filter(|&e| e <= MAX_SECTORS)
+                .ok_or_else(|| invalid!("target {i} too large"))?;
+            let ty = registry.get(&spec.target_type)?;
+            if spec.start.0 != next_start {
+                return Err(invalid!("gap in table at target {i}: starts at {} not {next_start}", spec.start));
+            }
+            next_start = end;
+            let argv = split_args(&spec.params);
+            let mut ctx = CtorCtx { len: spec.length, read_only, env: &mut *env };
+            let target = (ty.ctor)(&mut ctx, &argv).map_err(|e| {
+                tracing::info!("{}: constructor failed: {e}", ty.name);
+                e
+            })?;
+            targets.push(TableTarget { start: spec.start, len: spec.length, ty, target });
+        }
+        // Distinct devices, first use last (head insertion order).
+        let mut devices: Vec<Arc<Pdev>> = Vec::new();
+        let mut seen: HashMap<DevNum, ()> = HashMap::new();
+        for t in &targets {
+            t.target.iterate_devices(t.len, &mut |p, _, _| {
+                if seen.insert(p.dev, ()).is_none() {
+                    devices.push(p.clone());
+                }
+            });
+        }
+        devices.reverse();
+        Ok(Table { targets, read_only, devices })
+    }
+
+    pub fn size(&self) -> Sectors {
+        self.targets.last().map(|t| Sectors(t.start.0 + t.len.0)).unwrap_or_default()
+    }
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+    pub fn targets(&self) -> &[TableTarget] {
+        &self.targets
+    }
+    pub fn devices(&self) -> &[Arc<Pdev>] {
+        &self.devices
+    }
+    pub fn deps(&self) -> Vec<DevNum> {
+        self.devices.iter().map(|p| p.dev).collect()
+    }
+    pub fn uses(&self, dev: DevNum) -> bool {
+        self.devices.iter().any(|p| p.dev == dev)
+    }
+
+    /// The target holding `sector` (binary search over starts).
+    pub fn find(&self, sector: Sectors) -> Option<&TableTarget> {
+        if sector >= self.size() {
+            return None;
+        }
+        let i = self.targets.partition_point(|t| t.start <= sector);
+        self.targets.get(i.checked_sub(1)?)
+    }
+
+    pub fn status(&self, kind: StatusType, noflush: bool) -> Vec<TargetStatus> {
+        self.targets
+            .iter()
+            .map(|t| TargetStatus {
+                start: t.start,
+                length: t.len,
+                target_type: t.ty.name.to_owned(),
+                text: t.target.status(kind, noflush),
+            })
+            .collect()
+    }
+
+    /// Every device area must fit inside its device (`device_area_is_invalid`, linux-dm-abi.md
+    /// §2.5). `size_of` gives a device's current size; zero-sized devices are not checked, as in
+    /// the kernel.
+    pub fn validate_areas(&self, size_of: &dyn Fn(&Pdev) -> Sectors) -> DmResult<()> {
+        let mut err = None;
+        for t in &self.targets {
+            t.target.iterate_devices(t.len, &mut |p, start, len| {
+                if err.is_some() {
+                    return;
+                }
+                let size = size_of(p).0;
+                if size == 0 {
+                    return;
+                }
+                if start.0 >= size || start.0.saturating_add(len.0) > size {
+                    err = Some(invalid!(
+                        "{} too small for target: start={}, len={}, dev_size={}",
+                        p.dev,
+                        start,
+                        len,
+                        size
+                    ));
+                }
+            });
+        }
+        err.map_or(Ok(()), Err)
+    }
+
+    pub fn presuspend(&self, noflush: bool) {
+        self.targets.iter().for_each(|t| t.target.presuspend(noflush));
+    }
+    pub fn postsuspend(&self) {
+        self.targets.iter().for_each(|t| t.target.postsuspend());
+    }
+    pub fn resume(&self) {
+        self.targets.iter().for_each(|t| t.target.resume());
+    }
+}

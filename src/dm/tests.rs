@@ -1,0 +1,156 @@
+//! Engine tests: commands in, replies out, with an in-memory resolver (no IO).
+
+use super::pdev::{DeviceResolver, Identity, Resolved};
+use super::*;
+
+struct FakeFiles;
+
+impl DeviceResolver for FakeFiles {
+    /// `/f/<ino>/<sectors>` is a regular file of that size.
+    fn resolve_path(&self, path: &str) -> DmResult<Resolved> {
+        let mut it = path.strip_prefix("/f/").ok_or_else(|| DmError::NoSuchBlockDevice(path.into()))?.split('/');
+        let ino = it.next().and_then(|s| s.parse().ok()).ok_or_else(|| DmError::NoSuchBlockDevice(path.into()))?;
+        let size = it.next().and_then(|s| s.parse().ok()).ok_or_else(|| DmError::NoSuchBlockDevice(path.into()))?;
+        Ok(Resolved { identity: Identity::File { dev: 1, ino }, path: path.into(), size: Sectors(size) })
+    }
+    fn resolve_block(&self, dev: DevNum) -> DmResult<Resolved> {
+        Err(DmError::NoSuchBlockDevice(dev.to_string()))
+    }
+}
+
+fn engine() -> Engine {
+    Engine::new(EngineConfig { major: 252, file_major: 251 }, crate::targets::registry(), Box::new(FakeFiles))
+}
+
+fn run(e: &mut Engine, c: Command) -> DmResult<Reply> {
+    e.execute(Request::new(c))
+}
+
+fn name(s: &str) -> DevKey {
+    DevKey::Name(s.into())
+}
+
+fn create(e: &mut Engine, n: &str) {
+    run(e, Command::DevCreate { name: DmName::new(n).unwrap(), uuid: None, minor: None }).unwrap();
+}
+
+fn spec(start: u64, len: u64, ty: &str, params: &str) -> TargetSpec {
+    TargetSpec { start: Sectors(start), length: Sectors(len), target_type: ty.into(), params: params.into() }
+}
+
+fn load(e: &mut Engine, n: &str, specs: Vec<TargetSpec>) -> DmResult<Reply> {
+    run(e, Command::TableLoad { key: name(n), targets: specs, read_only: false })
+}
+
+fn resume(e: &mut Engine, n: &str) -> DmResult<Reply> {
+    run(e, Command::DevResume { key: name(n), opts: SuspendOpts::default() })
+}
+
+fn table(e: &mut Engine, n: &str) -> Vec<String> {
+    match run(e, Command::TableStatus { key: name(n), status: StatusType::Table, noflush: false }).unwrap() {
+        Reply::Status(_, Some(t)) => t.into_iter().map(|t| format!("{} {} {} {}", t.start, t.length, t.target_type, t.text)).collect(),
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn linear_over_file_prints_pseudo_numbers_and_stacks() {
+    let mut e = engine();
+    create(&mut e, "a");
+    load(&mut e, "a", vec![spec(0, 100, "linear", "/f/7/1000 10")]).unwrap();
+    resume(&mut e, "a").unwrap();
+    assert_eq!(table(&mut e, "a"), ["0 100 linear 251:0 10"]);
+    create(&mut e, "b");
+    load(&mut e, "b", vec![spec(0, 50, "linear", "/dev/mapper/a 50")]).unwrap();
+    resume(&mut e, "b").unwrap();
+    assert_eq!(table(&mut e, "b"), ["0 50 linear 252:0 50"]);
+    // a is held by b's table.
+    assert!(matches!(run(&mut e, Command::DevRemove { key: name("a"), deferred: false }), Err(DmError::Busy(_))));
+    // Feeding the printed table back works (pseudo number resolves to the file).
+    create(&mut e, "c");
+    load(&mut e, "c", vec![spec(0, 100, "linear", "251:0 10")]).unwrap();
+    // Deferred removal happens once the holder goes.
+    let r = run(&mut e, Command::DevRemove { key: name("a"), deferred: true }).unwrap();
+    assert!(matches!(r, Reply::Removed { deferred: true, .. }));
+    run(&mut e, Command::DevRemove { key: name("b"), deferred: false }).unwrap();
+    assert!(matches!(run(&mut e, Command::DevStatus { key: name("a") }), Err(DmError::NoDevice(_))));
+}
+
+#[test]
+fn table_validation_follows_the_kernel() {
+    let mut e = engine();
+    create(&mut e, "a");
+    let gap = load(&mut e, "a", vec![spec(0, 10, "zero", ""), spec(11, 10, "zero", "")]);
+    assert!(matches!(gap, Err(DmError::Invalid(_))));
+    assert!(matches!(load(&mut e, "a", vec![spec(0, 0, "zero", "")]), Err(DmError::Invalid(_))));
+    assert!(matches!(load(&mut e, "a", vec![spec(0, 1, "nope", "")]), Err(DmError::Invalid(_))));
+    assert!(matches!(load(&mut e, "a", vec![spec(0, 2000, "linear", "/f/1/1000 0")]), Err(DmError::Invalid(_))));
+    assert!(matches!(load(&mut e, "a", vec![spec(0, 8, "zero", "x")]), Err(DmError::Invalid(_))));
+    assert!(matches!(load(&mut e, "a", vec![spec(0, 8, "linear", "/dev/mapper/a 0")]), Err(DmError::Invalid(_))));
+    // error ignores odd argument counts
+    load(&mut e, "a", vec![spec(0, 8, "error", "x y z")]).unwrap();
+}
+
+#[test]
+fn striped_maps_chunks_round_robin() {
+    let mut e = engine();
+    create(&mut e, "s");
+    assert!(matches!(load(&mut e, "s", vec![spec(0, 100, "striped", "2 8 /f/1/1000 0 /f/2/1000 0")]), Err(DmError::Invalid(_))));
+    load(&mut e, "s", vec![spec(0, 64, "striped", "2 8 /f/1/1000 0 /f/2/1000 16")]).unwrap();
+    resume(&mut e, "s").unwrap();
+    assert_eq!(table(&mut e, "s"), ["0 64 striped 2 8 251:0 0 251:1 16"]);
+    let dev = e.device(0).unwrap();
+    let live = dev.live.clone().unwrap();
+    let t = &live.targets()[0];
+    match t.target.map(Sectors(9), Sectors(100)) {
+        target::Mapping::Remap { dev, sector, max_len } => {
+            assert_eq!((dev.dev.minor, sector.0, max_len.0), (1, 17, 7));
+        }
+        m => panic!("{m:?}"),
+    }
+}
+
+#[test]
+fn resume_swaps_and_reports() {
+    let mut e = engine();
+    create(&mut e, "a");
+    // resume without any table: not suspended, no inactive → no-op
+    resume(&mut e, "a").unwrap();
+    run(&mut e, Command::DevSuspend { key: name("a"), opts: SuspendOpts::default() }).unwrap();
+    assert!(matches!(resume(&mut e, "a"), Err(DmError::Invalid(_))));
+    load(&mut e, "a", vec![spec(0, 8, "zero", "")]).unwrap();
+    let Reply::Device(info) = resume(&mut e, "a").unwrap() else { panic!() };
+    assert!(info.active_present && !info.inactive_present && !info.suspended);
+    assert_eq!(info.target_count, 1);
+}
+
+#[test]
+fn rename_and_uuid_rules() {
+    let mut e = engine();
+    create(&mut e, "a");
+    create(&mut e, "b");
+    let to = |s: &str| RenameTo::Name(DmName::new(s).unwrap());
+    assert!(matches!(run(&mut e, Command::DevRename { name: "a".into(), to: to("b") }), Err(DmError::Busy(_))));
+    run(&mut e, Command::DevRename { name: "a".into(), to: to("c") }).unwrap();
+    let u = |s: &str| RenameTo::Uuid(DmUuid::new(s).unwrap());
+    run(&mut e, Command::DevRename { name: "c".into(), to: u("U1") }).unwrap();
+    assert!(matches!(run(&mut e, Command::DevRename { name: "c".into(), to: u("U2") }), Err(DmError::Invalid(_))));
+    assert!(matches!(run(&mut e, Command::DevRename { name: "b".into(), to: u("U1") }), Err(DmError::Busy(_))));
+    match run(&mut e, Command::ListDevices { name_prefix: String::new(), uuid_prefix: String::new(), with_uuid: true }).unwrap() {
+        Reply::DeviceList(l) => {
+            let names: Vec<_> = l.iter().map(|d| (d.name.to_string(), d.uuid.as_ref().map(|u| u.to_string()))).collect();
+            assert_eq!(names, [("b".into(), None), ("c".into(), Some("U1".into()))]);
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn message_without_table_returns_two() {
+    let mut e = engine();
+    create(&mut e, "a");
+    let m = run(&mut e, Command::TargetMsg { key: name("a"), sector: Sectors(0), message: "hello".into() }).unwrap();
+    assert_eq!(m, Reply::MessageNoTable);
+    assert!(run(&mut e, Command::TargetMsg { key: name("a"), sector: Sectors(0), message: "@cancel_deferred_remove".into() }).is_ok());
+    assert!(matches!(run(&mut e, Command::TargetMsg { key: name("a"), sector: Sectors(0), message: "  ".into() }), Err(DmError::Invalid(_))));
+}

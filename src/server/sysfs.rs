@@ -1,0 +1,151 @@
+//! The sysfs tree libdevmapper reads (`dm/name`, `dm/uuid`, `size`, `holders/` …), kept under
+//! `<run_dir>/sys` and updated after every command (layout: docs/control-socket.md).
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use crate::dm::pdev::PdevKind;
+use crate::dm::Engine;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DevState {
+    name: String,
+    uuid: String,
+    size: u64,
+    ro: bool,
+    suspended: bool,
+    slaves: Vec<u32>,
+    holders: Vec<u32>,
+}
+
+pub struct Sysfs {
+    root: PathBuf,
+    major: u32,
+    known: HashMap<u32, DevState>,
+}
+
+fn write_atomic(path: &Path, content: &str) -> io::Result<()> {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn replace_link(target: &str, link: &Path) -> io::Result<()> {
+    let _ = std::fs::remove_file(link);
+    symlink(target, link)
+}
+
+impl Sysfs {
+    /// Starts an empty tree at `<run_dir>/sys`, clearing whatever an earlier daemon left.
+    pub fn new(run_dir: &Path, major: u32) -> io::Result<Self> {
+        let root = run_dir.join("sys");
+        let _ = std::fs::remove_dir_all(&root);
+        for d in ["devices/virtual/block", "dev/block", "block", "class/block"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        Ok(Self { root, major, known: HashMap::new() })
+    }
+
+    fn dev_dir(&self, minor: u32) -> PathBuf {
+        self.root.join(format!("devices/virtual/block/dm-{minor}"))
+    }
+
+    /// Brings the tree in line with the engine, touching only what changed.
+    pub fn sync(&mut self, engine: &Engine) {
+        if let Err(e) = self.try_sync(engine) {
+            tracing::warn!("updating sysfs tree under {}: {e}", self.root.display());
+        }
+    }
+
+    fn try_sync(&mut self, engine: &Engine) -> io::Result<()> {
+        let mut now: HashMap<u32, DevState> = HashMap::new();
+        for d in engine.devices() {
+            let slaves = d
+                .live
+                .as_ref()
+                .map(|t| {
+                    t.devices()
+                        .iter()
+                        .filter_map(|p| match p.kind {
+                            PdevKind::Dm { minor } => Some(minor),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            now.insert(
+                d.minor,
+                DevState {
+                    name: d.name.to_string(),
+                    uuid: d.uuid.as_ref().map(|u| u.to_string()).unwrap_or_default(),
+                    size: d.size().0,
+                    ro: d.read_only,
+                    suspended: d.suspended,
+                    slaves,
+                    holders: Vec::new(),
+                },
+            );
+        }
+        let pairs: Vec<(u32, u32)> = now.iter().flat_map(|(&m, s)| s.slaves.iter().map(move |&l| (l, m))).collect();
+        for (lower, upper) in pairs {
+            if let Some(s) = now.get_mut(&lower) {
+                s.holders.push(upper);
+            }
+        }
+        let gone: Vec<u32> = self.known.keys().filter(|m| !now.contains_key(m)).copied().collect();
+        for m in gone {
+            self.remove(m)?;
+        }
+        for (&m, state) in &now {
+            if self.known.get(&m) != Some(state) {
+                self.write(m, state, self.known.get(&m).cloned())?;
+            }
+        }
+        self.known = now;
+        Ok(())
+    }
+
+    fn remove(&mut self, minor: u32) -> io::Result<()> {
+        let _ = std::fs::remove_file(self.root.join(format!("dev/block/{}:{minor}", self.major)));
+        let _ = std::fs::remove_file(self.root.join(format!("block/dm-{minor}")));
+        let _ = std::fs::remove_file(self.root.join(format!("class/block/dm-{minor}")));
+        let _ = std::fs::remove_dir_all(self.dev_dir(minor));
+        self.known.remove(&minor);
+        Ok(())
+    }
+
+    fn write(&self, minor: u32, s: &DevState, old: Option<DevState>) -> io::Result<()> {
+        let dir = self.dev_dir(minor);
+        if old.is_none() {
+            for sub in ["dm", "bdi", "queue", "holders", "slaves"] {
+                std::fs::create_dir_all(dir.join(sub))?;
+            }
+            write_atomic(&dir.join("dev"), &format!("{}:{minor}\n", self.major))?;
+            write_atomic(&dir.join("bdi/read_ahead_kb"), "128\n")?;
+            write_atomic(&dir.join("queue/logical_block_size"), "512\n")?;
+            write_atomic(&dir.join("queue/physical_block_size"), "512\n")?;
+            write_atomic(&dir.join("removable"), "0\n")?;
+            let target = format!("../../devices/virtual/block/dm-{minor}");
+            replace_link(&target, &self.root.join(format!("dev/block/{}:{minor}", self.major)))?;
+            replace_link(&format!("../devices/virtual/block/dm-{minor}"), &self.root.join(format!("block/dm-{minor}")))?;
+            replace_link(&target, &self.root.join(format!("class/block/dm-{minor}")))?;
+        }
+        write_atomic(&dir.join("size"), &format!("{}\n", s.size))?;
+        write_atomic(&dir.join("ro"), if s.ro { "1\n" } else { "0\n" })?;
+        write_atomic(&dir.join("dm/name"), &format!("{}\n", s.name))?;
+        write_atomic(&dir.join("dm/uuid"), &format!("{}\n", s.uuid))?;
+        write_atomic(&dir.join("dm/suspended"), if s.suspended { "1\n" } else { "0\n" })?;
+        for (sub, list) in [("slaves", &s.slaves), ("holders", &s.holders)] {
+            let d = dir.join(sub);
+            for e in std::fs::read_dir(&d)? {
+                let _ = std::fs::remove_file(e?.path());
+            }
+            for m in list {
+                symlink(format!("../../dm-{m}"), d.join(format!("dm-{m}")))?;
+            }
+        }
+        Ok(())
+    }
+}

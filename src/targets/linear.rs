@@ -1,0 +1,45 @@
+//! `linear` 1.5.0: `<dev> <offset>` (linux-dm-abi.md §3.1).
+
+use std::sync::Arc;
+
+use crate::dm::pdev::Pdev;
+use crate::dm::target::{parse_sectors, CtorCtx, Mapping, Target, TargetType};
+use crate::dm::{DmResult, Sectors, StatusType};
+use crate::invalid;
+
+pub static TYPE: TargetType = TargetType { name: "linear", version: [1, 5, 0], ctor };
+
+pub struct Linear {
+    dev: Arc<Pdev>,
+    offset: Sectors,
+}
+
+fn ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Box<dyn Target>> {
+    let [dev, offset] = argv else {
+        return Err(invalid!("linear: invalid argument count"));
+    };
+    let offset = parse_sectors(offset).ok_or_else(|| invalid!("linear: invalid device sector"))?;
+    let dev = ctx.get_device(dev)?;
+    Ok(Box::new(Linear { dev, offset }))
+}
+
+impl Target for Linear {
+    fn status(&self, kind: StatusType, _noflush: bool) -> String {
+        match kind {
+            StatusType::Info => String::new(),
+            StatusType::Table => format!("{} {}", self.dev.dev, self.offset),
+            StatusType::Ima => format!(
+                "target_name=linear,target_version=1.5.0,device_name={},start={};",
+                self.dev.dev, self.offset
+            ),
+        }
+    }
+
+    fn iterate_devices(&self, len: Sectors, f: &mut dyn FnMut(&Arc<Pdev>, Sectors, Sectors)) {
+        f(&self.dev, self.offset, len)
+    }
+
+    fn map(&self, offset: Sectors, len: Sectors) -> Mapping<'_> {
+        Mapping::Remap { dev: &self.dev, sector: Sectors(self.offset.0 + offset.0), max_len: len }
+    }
+}

@@ -1,0 +1,158 @@
+//! Shared harness: a real `dmemu serve` per test, the real `/usr/sbin/dmsetup` through the real
+//! shim, backing files in a private directory.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const DMSETUP: &str = "/usr/sbin/dmsetup";
+
+pub struct Daemon {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    child: Child,
+}
+
+/// The output of one client run.
+#[derive(Debug)]
+pub struct Out {
+    pub stdout: String,
+    pub stderr: String,
+    pub code: i32,
+}
+
+impl Out {
+    /// Asserts success and returns stdout.
+    #[track_caller]
+    pub fn ok(&self) -> &str {
+        assert_eq!(self.code, 0, "command failed: {self:#?}");
+        &self.stdout
+    }
+    /// Asserts failure and returns stderr.
+    #[track_caller]
+    pub fn err(&self) -> &str {
+        assert_ne!(self.code, 0, "command unexpectedly succeeded: {self:#?}");
+        &self.stderr
+    }
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_dmemu"))
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Daemon {
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("dmemu-test-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("control.sock");
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--run-dir")
+            .arg(&dir)
+            .env("DMEMU_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dmemu serve");
+        let d = Daemon { dir, socket, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&d.socket).is_err() {
+            assert!(Instant::now() < deadline, "daemon did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    /// Runs `dmsetup ARGS` under `dmemu exec`.
+    pub fn dmsetup(&self, args: &[&str]) -> Out {
+        self.exec(DMSETUP, args, None)
+    }
+
+    /// Runs `dmsetup ARGS` with `input` on stdin.
+    pub fn dmsetup_stdin(&self, args: &[&str], input: &str) -> Out {
+        self.exec(DMSETUP, args, Some(input))
+    }
+
+    pub fn exec(&self, prog: &str, args: &[&str], input: Option<&str>) -> Out {
+        let mut c = Command::new(bin());
+        c.arg("exec").arg("--socket").arg(&self.socket).arg("--").arg(prog).args(args);
+        c.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn dmemu exec");
+        if let Some(i) = input {
+            child.stdin.take().unwrap().write_all(i.as_bytes()).unwrap();
+        }
+        let o = child.wait_with_output().unwrap();
+        Out {
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            code: o.status.code().unwrap_or(-1),
+        }
+    }
+
+    /// A backing file of `sectors` 512-byte sectors.
+    pub fn file(&self, name: &str, sectors: u64) -> String {
+        let p = self.dir.join(name);
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(sectors * 512).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The daemon's facts (major etc.) from a HELLO frame.
+    pub fn hello(&self, key: &str) -> String {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&0x5545_4d44u32.to_le_bytes());
+        h[4..6].copy_from_slice(&3u16.to_le_bytes());
+        s.write_all(&h).unwrap();
+        s.read_exact(&mut h).unwrap();
+        let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+        let body = String::from_utf8(body).unwrap();
+        body.lines().find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_owned)).unwrap()
+    }
+
+    pub fn major(&self) -> u32 {
+        self.hello("major").parse().unwrap()
+    }
+
+    pub fn alive(&self) -> bool {
+        UnixStream::connect(&self.socket).is_ok()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("daemon log kept in {}:\n{}", self.dir.display(), self.log());
+        }
+    }
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
