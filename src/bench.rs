@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Pin the client and both servers to CPU 0 (as well as the unpinned run).
     #[arg(long)]
     pub pin: bool,
+    /// Where daemons keep their sockets and sysfs trees (default: /dev/shm, a tmpfs like the
+    /// /run a real daemon uses; else the temp dir).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
     /// Internal: serve a bare echo on this socket (the round-trip peer).
     #[arg(long, hide = true)]
     pub echo_server: Option<PathBuf>,
@@ -226,13 +230,17 @@ pub fn run(args: BenchArgs) -> Result {
     if let Some(p) = args.echo_server {
         return echo_server(&p);
     }
-    let dir = std::env::temp_dir().join(format!("dmemu-bench-{}", std::process::id()));
+    let base = args.dir.clone().unwrap_or_else(|| {
+        let shm = PathBuf::from("/dev/shm");
+        if shm.is_dir() { shm } else { std::env::temp_dir() }
+    });
+    let dir = base.join(format!("dmemu-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
         .unwrap_or_default();
-    println!("machine: {} CPUs, {cpu}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!("machine: {} CPUs, {cpu}; run dir {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), dir.display());
     let mut runs = vec![false];
     if args.pin {
         runs.push(true);

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::dm::{Command, DmError, Engine, EngineConfig};
+use crate::dm::{Command, DmError, Engine, EngineConfig, Request};
 use crate::ioctl::linux;
 use frame::{Kind, HEADER_LEN};
 
@@ -50,6 +50,9 @@ pub struct Daemon {
     hello: String,
     owner_uid: u32,
 }
+
+/// Table loads with at least this many lines hand freed memory back to the system afterwards.
+const BIG_LOAD: usize = 4096;
 
 /// How often a blocked DEV_WAIT looks for a CANCEL frame or a vanished client.
 const WAIT_SLICE: Duration = Duration::from_millis(50);
@@ -208,7 +211,7 @@ impl Daemon {
 
     /// One ioctl: decode, run, encode. `None` means the client went away mid-wait.
     fn ioctl(&self, stream: &mut UnixStream, conn: &Conn, request: u64, buf: &[u8], privileged: bool) -> io::Result<Option<linux::Encoded>> {
-        let decoded = match linux::decode(request, buf) {
+        let mut decoded = match linux::decode(request, buf) {
             Ok(linux::Decoded::Version) => return Ok(Some(linux::encode_version())),
             Ok(linux::Decoded::Command(d)) => d,
             Err(e) => {
@@ -257,13 +260,23 @@ impl Daemon {
             p.sent = false;
         }
         let mutates = decoded.request.command.mutates();
-        let result = st.engine.execute(decoded.request.clone());
+        // Move the command out (a table load can hold a million lines); encoding needs only the
+        // header and input bytes.
+        let req = std::mem::replace(&mut decoded.request, Request::new(Command::Version));
+        let big_load = matches!(&req.command, Command::TableLoad { targets, .. } if targets.len() >= BIG_LOAD);
+        let result = st.engine.execute(req);
         if mutates {
             let State { engine, sysfs } = &mut *st;
             sysfs.sync(engine);
         }
         let after = st.engine.global_event();
         drop(st);
+        if big_load {
+            // The decoded lines of a big table were freed below the new table's allocations, where
+            // malloc cannot return them to the system by itself (docs/PERFORMANCE.md).
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
+        }
         if after != before {
             self.broadcast_events(after);
         }

@@ -132,17 +132,29 @@ impl Sysfs {
             replace_link(&format!("../devices/virtual/block/dm-{minor}"), &self.root.join(format!("block/dm-{minor}")))?;
             replace_link(&target, &self.root.join(format!("class/block/dm-{minor}")))?;
         }
-        write_atomic(&dir.join("size"), &format!("{}\n", s.size))?;
-        write_atomic(&dir.join("ro"), if s.ro { "1\n" } else { "0\n" })?;
-        write_atomic(&dir.join("dm/name"), &format!("{}\n", s.name))?;
-        write_atomic(&dir.join("dm/uuid"), &format!("{}\n", s.uuid))?;
-        write_atomic(&dir.join("dm/suspended"), if s.suspended { "1\n" } else { "0\n" })?;
-        for (sub, list) in [("slaves", &s.slaves), ("holders", &s.holders)] {
+        let changed = |f: fn(&DevState) -> String| old.as_ref().is_none_or(|o| f(o) != f(s));
+        let files: [(&str, fn(&DevState) -> String); 5] = [
+            ("size", |s| format!("{}\n", s.size)),
+            ("ro", |s| format!("{}\n", s.ro as u8)),
+            ("dm/name", |s| format!("{}\n", s.name)),
+            ("dm/uuid", |s| format!("{}\n", s.uuid)),
+            ("dm/suspended", |s| format!("{}\n", s.suspended as u8)),
+        ];
+        for (file, render) in files {
+            if changed(render) {
+                write_atomic(&dir.join(file), &render(s))?;
+            }
+        }
+        let lists: [(&str, fn(&DevState) -> &Vec<u32>); 2] = [("slaves", |s| &s.slaves), ("holders", |s| &s.holders)];
+        for (sub, list) in lists {
+            if old.as_ref().is_some_and(|o| list(o) == list(s)) {
+                continue;
+            }
             let d = dir.join(sub);
             for e in std::fs::read_dir(&d)? {
                 let _ = std::fs::remove_file(e?.path());
             }
-            for m in list {
+            for m in list(s) {
                 symlink(format!("../../dm-{m}"), d.join(format!("dm-{m}")))?;
             }
         }
