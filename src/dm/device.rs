@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::stats::Stats;
 use super::table::Table;
 use super::types::{DmName, DmUuid, Geometry, Sectors};
 
@@ -29,6 +30,8 @@ pub struct Device {
     /// at resume (linux-dm-abi.md §2.5).
     pub queue_initialized: bool,
     pub read_ahead_kb: u32,
+    /// `@stats_*` regions.
+    pub stats: Stats,
 }
 
 impl Device {
@@ -47,6 +50,7 @@ impl Device {
             deferred_remove: false,
             queue_initialized: false,
             read_ahead_kb: 128,
+            stats: Stats::default(),
         }
     }
 

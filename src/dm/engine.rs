@@ -433,6 +433,11 @@ impl Engine {
                 d.deferred_remove = false;
                 Ok(Reply::Message(self.info(m, qi), None))
             }
+            w if w.starts_with("@stats_") => {
+                let size = d.size();
+                let out = d.stats.message(argv, size)?;
+                Ok(Reply::Message(self.info(m, qi), out))
+            }
             w => Err(invalid!("unsupported message {w}")),
         }
     }

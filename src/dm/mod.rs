@@ -6,6 +6,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod pdev;
+pub mod stats;
 pub mod table;
 pub mod target;
 pub mod types;
