@@ -84,6 +84,7 @@ fn serve(socket: Option<PathBuf>, run_dir: Option<PathBuf>, major: Option<u32>, 
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let socket = socket.unwrap_or_else(default_socket);
     let socket = std::path::absolute(&socket)?;

@@ -73,6 +73,23 @@ fn peer_uid(s: &UnixStream) -> Option<u32> {
     (r == 0).then_some(cred.uid)
 }
 
+/// Reads a frame header; `None` on a clean EOF at a frame boundary.
+fn read_header(stream: &mut UnixStream) -> io::Result<Option<[u8; HEADER_LEN]>> {
+    let mut raw = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match stream.read(&mut raw[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("connection closed after {got} bytes of a frame header"))),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if got == 0 && e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(raw))
+}
+
 /// Whether the socket has something to read (a frame or EOF) right now.
 fn readable(s: &UnixStream) -> bool {
     let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -141,7 +158,9 @@ impl Daemon {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).push(conn.clone());
         tracing::debug!("client connected (uid {uid:?})");
         if let Err(e) = self.serve_connection(&mut stream, &conn, privileged) {
-            if e.kind() != io::ErrorKind::UnexpectedEof {
+            // A client that exits with unread EVENT frames resets the connection: that is a normal
+            // close, as is EOF.
+            if !matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) {
                 tracing::warn!("client connection closed: {e}");
             }
         }
@@ -150,10 +169,12 @@ impl Daemon {
 
     fn serve_connection(&self, stream: &mut UnixStream, conn: &Conn, privileged: bool) -> io::Result<()> {
         loop {
-            let mut raw = [0u8; HEADER_LEN];
-            stream.read_exact(&mut raw)?;
+            let Some(raw) = read_header(stream)? else {
+                return Ok(());
+            };
             let (kind, h) = frame::parse_request_header(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let payload = frame::read_payload(stream, h.len)?;
+            let payload = frame::read_payload(stream, h.len)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("truncated {kind:?} frame: {e}")))?;
             match kind {
                 Kind::Hello => self.send(conn, Kind::HelloReply, &[self.hello.as_bytes()])?,
                 Kind::Cancel => {}
