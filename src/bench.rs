@@ -173,6 +173,29 @@ fn round_trips(dir: &Path, n: u32, pin: bool) -> Result<(f64, f64)> {
     Ok((rate(n, td), rate(n, te)))
 }
 
+/// Decode + engine + encode of one DEV_STATUS in-process: the daemon's own cost per round trip.
+fn in_process_status(n: u32) -> Result<f64> {
+    use crate::dm::{Engine, EngineConfig};
+    use crate::ioctl::linux;
+    let mut e = Engine::new(EngineConfig { major: 252, file_major: 251 }, crate::targets::registry(), Box::new(crate::server::resolver::FsResolver));
+    let create = IoctlBuf::new(DmCmd::DevCreate).name("rt").bytes();
+    let Ok(linux::Decoded::Command(d)) = linux::decode(DmCmd::DevCreate.request(), &create) else {
+        return Err("decode create".into());
+    };
+    e.execute(d.request).map_err(|e| e.to_string())?;
+    let req = IoctlBuf { size: 312, ..IoctlBuf::new(DmCmd::DevStatus).name("rt") }.bytes();
+    let t = Instant::now();
+    for _ in 0..n {
+        let Ok(linux::Decoded::Command(mut d)) = linux::decode(DmCmd::DevStatus.request(), &req) else {
+            return Err("decode status".into());
+        };
+        let r = std::mem::replace(&mut d.request, crate::dm::Request::new(crate::dm::Command::Version));
+        let reply = e.execute(r).map_err(|e| e.to_string())?;
+        std::hint::black_box(linux::encode(&reply, &d));
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e9 / n as f64)
+}
+
 fn cycles(dir: &Path, n: u32) -> Result<f64> {
     let sock = dir.join("cycles.sock");
     let _d = spawn_self(&["serve", "--log", "warn", "--socket"], &sock, false)?;
@@ -255,6 +278,7 @@ pub fn run(args: BenchArgs) -> Result {
             dm / echo
         );
     }
+    println!("DEV_STATUS decode+execute+encode in-process: {:.0} ns each", in_process_status(args.round_trips * 10)?);
     println!("create+load+resume+remove cycles: {:.0}/s", cycles(&dir, args.cycles)?);
     let b = big_table(&dir, args.targets)?;
     println!(

@@ -99,10 +99,14 @@ pub fn header(kind: Kind, len: usize) -> [u8; HEADER_LEN] {
     out
 }
 
-/// Reads exactly `len` payload bytes, growing the buffer only as bytes arrive (never trusting
-/// `len` for an up-front allocation).
+/// Up-front reservation for a payload: only address space (pages are touched as bytes arrive),
+/// and capped so a lying `len` cannot make the daemon reserve more than this per connection.
+const RESERVE_CAP: usize = 256 << 20;
+
+/// Reads exactly `len` payload bytes. `len` has been checked against the kind's bound; beyond
+/// [`RESERVE_CAP`] the buffer grows only as bytes actually arrive.
 pub fn read_payload(r: &mut impl Read, len: u32) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity((len as usize).min(64 * 1024));
+    let mut buf = Vec::with_capacity((len as usize).min(RESERVE_CAP));
     let got = r.take(len as u64).read_to_end(&mut buf)?;
     if got != len as usize {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short frame"));

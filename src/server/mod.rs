@@ -32,6 +32,10 @@ struct State {
 
 /// Per-connection poll state: the global event counter saved at connect or DM_DEV_ARM_POLL.
 struct PollState {
+    /// The connection issued DM_DEV_ARM_POLL at least once. Only such connections get EVENT
+    /// frames: clients that poll the control fd (multipathd) arm first, and the frames would be
+    /// pure overhead for the rest (docs/control-socket.md).
+    armed: bool,
     saved: u64,
     /// An EVENT frame is outstanding for the current condition.
     sent: bool,
@@ -154,7 +158,7 @@ impl Daemon {
         let privileged = matches!(uid, Some(u) if u == 0 || u == self.owner_uid);
         let Ok(writer) = stream.try_clone() else { return };
         let saved = self.lock().engine.global_event();
-        let conn = Arc::new(Conn { writer: Mutex::new(writer), poll: Mutex::new(PollState { saved, sent: false }) });
+        let conn = Arc::new(Conn { writer: Mutex::new(writer), poll: Mutex::new(PollState { armed: false, saved, sent: false }) });
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).push(conn.clone());
         tracing::debug!("client connected (uid {uid:?})");
         if let Err(e) = self.serve_connection(&mut stream, &conn, privileged) {
@@ -208,7 +212,7 @@ impl Daemon {
     fn after_reply(&self, conn: &Conn) -> io::Result<()> {
         let global = self.lock().engine.global_event();
         let mut p = conn.poll.lock().unwrap_or_else(|p| p.into_inner());
-        if p.saved != global {
+        if p.armed && p.saved != global {
             p.sent = true;
             drop(p);
             self.send(conn, Kind::Event, &[])?;
@@ -222,7 +226,7 @@ impl Daemon {
         let conns: Vec<Arc<Conn>> = self.conns.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for c in conns {
             let mut p = c.poll.lock().unwrap_or_else(|p| p.into_inner());
-            if p.saved != global && !p.sent {
+            if p.armed && p.saved != global && !p.sent {
                 p.sent = true;
                 drop(p);
                 let _ = self.send(&c, Kind::Event, &[]);
@@ -277,6 +281,7 @@ impl Daemon {
         }
         if matches!(decoded.request.command, Command::ArmPoll) {
             let mut p = conn.poll.lock().unwrap_or_else(|p| p.into_inner());
+            p.armed = true;
             p.saved = before;
             p.sent = false;
         }
