@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod client;
 pub mod dm;
+pub mod io;
 pub mod ioctl;
 pub mod server;
 pub mod targets;

@@ -9,7 +9,7 @@ use super::device::Device;
 use super::error::{DmError, DmResult};
 use super::pdev::{DeviceResolver, Pdev, PdevKind, PdevRegistry};
 use super::table::Table;
-use super::target::{split_args, BuildEnv, TargetRegistry};
+use super::target::{split_args, BuildEnv, PageTableUpload, TargetRegistry};
 use super::types::*;
 use crate::invalid;
 
@@ -68,6 +68,20 @@ impl Engine {
     }
     pub fn pdevs(&self) -> &PdevRegistry {
         &self.pdevs
+    }
+
+    /// A front end opened (`+1`) or closed (`-1`) a device's block device. Closing the last
+    /// opener completes a deferred removal.
+    pub fn adjust_opens(&mut self, minor: u32, delta: i32) {
+        if let Some(d) = self.devices.get_mut(&minor) {
+            d.opens = (d.opens + delta).max(0);
+        }
+        self.reap_deferred();
+    }
+
+    /// Minor of a device, for callers that act before the engine does (draining IO).
+    pub fn lookup(&self, key: &DevKey) -> Option<u32> {
+        self.find(key).ok()
     }
 
     /// The current event counter of a device (for DEV_WAIT, which the server blocks on).
@@ -420,6 +434,22 @@ impl Engine {
         // A target message may raise a table event (e.g. multipath path changes); targets report
         // those through their own hooks in later issues.
         Ok(Reply::Message(self.info(m, qi), out))
+    }
+
+    /// The RFC dm-switch page-table upload (`IpcPgTable`, docs/protocols.md): the device is found
+    /// by number and the upload goes to the first target that takes page tables, in the live
+    /// table, else in the inactive one (the seed's context list holds every constructed switch,
+    /// oldest first). `NoDevice` when there is no such device or target.
+    pub fn switch_upload(&self, dev: DevNum, upload: &PageTableUpload) -> DmResult<()> {
+        let missing = || DmError::NoDevice(dev.to_string());
+        let d = self.devices.get(&dev.minor).filter(|_| dev.major == self.cfg.major).ok_or_else(missing)?;
+        d.live
+            .as_deref()
+            .into_iter()
+            .chain(d.inactive.as_ref())
+            .flat_map(|t| t.targets())
+            .find_map(|t| t.target.upload_page_table(upload))
+            .unwrap_or_else(|| Err(missing()))
     }
 
     /// Messages to the device core rather than a target (linux-dm-abi.md §2.7).

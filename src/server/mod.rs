@@ -14,6 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::dm::{Command, DmError, Engine, EngineConfig, Request};
+use crate::io::DataPlane;
 use crate::ioctl::linux;
 use frame::{Kind, HEADER_LEN};
 
@@ -28,6 +29,17 @@ pub struct ServeConfig {
 struct State {
     engine: Engine,
     sysfs: sysfs::Sysfs,
+}
+
+impl State {
+    /// Brings the sysfs tree and the data plane in line with the engine after a change.
+    fn sync(&mut self, io: &DataPlane) {
+        self.sysfs.sync(&self.engine);
+        for d in self.engine.devices() {
+            io.publish(d.minor, d.name.as_str(), d.live.clone(), d.suspended, d.read_only);
+        }
+        io.retain(|m| self.engine.device(m).is_some());
+    }
 }
 
 /// Per-connection poll state: the global event counter saved at connect or DM_DEV_ARM_POLL.
@@ -53,6 +65,7 @@ pub struct Daemon {
     conns: Mutex<Vec<Arc<Conn>>>,
     hello: String,
     owner_uid: u32,
+    io: DataPlane,
 }
 
 /// Table loads with at least this many lines hand freed memory back to the system afterwards.
@@ -111,13 +124,30 @@ impl Daemon {
             cfg.run_dir.display(),
             env!("CARGO_PKG_VERSION")
         );
-        Ok(Arc::new(Self {
-            state: Mutex::new(State { engine, sysfs }),
-            events: Condvar::new(),
-            conns: Mutex::new(Vec::new()),
-            hello,
-            owner_uid: unsafe { libc::geteuid() },
+        Ok(Arc::new_cyclic(|me: &std::sync::Weak<Daemon>| {
+            let me = me.clone();
+            // Front ends opening a device count as openers of its block device.
+            let io = DataPlane::new(Box::new(move |minor, open| {
+                if let Some(d) = me.upgrade() {
+                    let mut st = d.lock();
+                    st.engine.adjust_opens(minor, if open { 1 } else { -1 });
+                    st.sync(&d.io);
+                }
+            }));
+            Self {
+                state: Mutex::new(State { engine, sysfs }),
+                events: Condvar::new(),
+                conns: Mutex::new(Vec::new()),
+                hello,
+                owner_uid: unsafe { libc::geteuid() },
+                io,
+            }
         }))
+    }
+
+    /// The data plane, for front ends (NBD, FUSE).
+    pub fn io(&self) -> &DataPlane {
+        &self.io
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -234,6 +264,26 @@ impl Daemon {
         }
     }
 
+    /// A suspend, or a resume that swaps tables, first stops and drains the device's IO (outside
+    /// the engine lock, so other devices keep being served), as the kernel's suspend does.
+    fn drain_before(&self, cmd: &Command) {
+        let (key, opts) = match cmd {
+            Command::DevSuspend { key, opts } => (key, opts),
+            Command::DevResume { key, opts } => (key, opts),
+            _ => return,
+        };
+        let minor = {
+            let st = self.lock();
+            let Some(m) = st.engine.lookup(key) else { return };
+            let d = st.engine.device(m).expect("looked up");
+            if matches!(cmd, Command::DevResume { .. }) && (d.inactive.is_none() || d.suspended) {
+                return;
+            }
+            m
+        };
+        self.io.drain(minor, opts.noflush);
+    }
+
     /// One ioctl: decode, run, encode. `None` means the client went away mid-wait.
     fn ioctl(&self, stream: &mut UnixStream, conn: &Conn, request: u64, buf: &[u8], privileged: bool) -> io::Result<Option<linux::Encoded>> {
         let mut decoded = match linux::decode(request, buf) {
@@ -255,6 +305,7 @@ impl Daemon {
             tracing::info!("{cmd_name} refused: caller is not privileged");
             return Ok(Some(decoded.encode_error(&DmError::Access)));
         }
+        self.drain_before(&decoded.request.command);
         let mut st = self.lock();
         let before = st.engine.global_event();
         if let Command::DevWait { key, event_nr, .. } = &decoded.request.command {
@@ -292,8 +343,7 @@ impl Daemon {
         let big_load = matches!(&req.command, Command::TableLoad { targets, .. } if targets.len() >= BIG_LOAD);
         let result = st.engine.execute(req);
         if mutates {
-            let State { engine, sysfs } = &mut *st;
-            sysfs.sync(engine);
+            st.sync(&self.io);
         }
         let after = st.engine.global_event();
         drop(st);

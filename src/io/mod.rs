@@ -1,0 +1,447 @@
+//! The data plane: IO through a device's live table to files, block devices and other dmemu
+//! devices (stacking goes through here directly, never through a socket).
+//!
+//! The control plane (the engine) stays IO-free; after every command the server publishes each
+//! device's live table and suspend state here ([`DataPlane::publish`]), and before a suspend it
+//! drains in-flight IO ([`DataPlane::drain`]), as the kernel's suspend does. Mechanism: positioned
+//! IO (`pread`/`pwrite`) on the caller's thread; front ends (NBD) run requests on worker threads,
+//! so many are in flight at once (docs/PERFORMANCE.md has the comparison that chose it).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use crate::dm::pdev::{Pdev, PdevKind};
+use crate::dm::table::Table;
+use crate::dm::target::Mapping;
+use crate::dm::{DevNum, Sectors};
+
+const SECTOR: u64 = Sectors::SIZE;
+
+/// Why an IO failed; each maps to the errno a block device would give.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("device has no live table or is gone")]
+    NoDevice,
+    #[error("device is read-only")]
+    ReadOnly,
+    #[error("IO beyond the end of the device")]
+    Range,
+    #[error("IO failed by the table (error target)")]
+    Failed,
+    #[error("{0}")]
+    Os(#[from] std::io::Error),
+}
+
+impl IoError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            IoError::NoDevice => libc::ENXIO,
+            IoError::ReadOnly => libc::EPERM,
+            IoError::Range => libc::EINVAL,
+            IoError::Failed => libc::EIO,
+            IoError::Os(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+pub type IoResult<T = ()> = Result<T, IoError>;
+
+/// What a device looks like to IO at one moment.
+struct GateState {
+    name: String,
+    table: Option<Arc<Table>>,
+    suspended: bool,
+    read_only: bool,
+    /// Requests between entering and leaving the gate.
+    inflight: u64,
+    removed: bool,
+}
+
+/// One device's gate: IO enters while the device is not suspended, and suspend waits for the
+/// requests inside to leave.
+struct DeviceIo {
+    minor: u32,
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+/// A request's pass through the gate: holds the table it runs against, leaves on drop.
+struct Pass<'a> {
+    dev: &'a DeviceIo,
+    table: Arc<Table>,
+    read_only: bool,
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        let mut s = self.dev.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.inflight -= 1;
+        if s.inflight == 0 {
+            self.dev.changed.notify_all();
+        }
+    }
+}
+
+impl DeviceIo {
+    /// Waits while suspended (new IO runs against whatever table is live after the resume).
+    fn enter(&self) -> IoResult<Pass<'_>> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while s.suspended && !s.removed {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if s.removed {
+            return Err(IoError::NoDevice);
+        }
+        let table = s.table.clone().ok_or(IoError::NoDevice)?;
+        s.inflight += 1;
+        Ok(Pass { dev: self, table, read_only: s.read_only })
+    }
+}
+
+/// Called when a front end opens or closes a device (the kernel's block-device open count).
+pub type OpenHook = Box<dyn Fn(u32, bool) + Send + Sync>;
+
+struct Inner {
+    devices: RwLock<HashMap<u32, Arc<DeviceIo>>>,
+    /// Open files of underlying devices, by device number.
+    files: RwLock<HashMap<DevNum, Arc<File>>>,
+    on_open: OpenHook,
+}
+
+#[derive(Clone)]
+pub struct DataPlane {
+    inner: Arc<Inner>,
+}
+
+/// One kind of IO, by what it does to the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write { fua: bool },
+    Discard,
+    WriteZeroes { fua: bool },
+}
+
+impl DataPlane {
+    pub fn new(on_open: OpenHook) -> Self {
+        Self { inner: Arc::new(Inner { devices: RwLock::new(HashMap::new()), files: RwLock::new(HashMap::new()), on_open }) }
+    }
+
+    fn device(&self, minor: u32) -> Option<Arc<DeviceIo>> {
+        self.inner.devices.read().unwrap_or_else(|p| p.into_inner()).get(&minor).cloned()
+    }
+
+    /// Publishes a device's state from the engine. `table` is the live table.
+    pub fn publish(&self, minor: u32, name: &str, table: Option<Arc<Table>>, suspended: bool, read_only: bool) {
+        let dev = {
+            let mut devs = self.inner.devices.write().unwrap_or_else(|p| p.into_inner());
+            devs.entry(minor)
+                .or_insert_with(|| {
+                    Arc::new(DeviceIo {
+                        minor,
+                        state: Mutex::new(GateState { name: String::new(), table: None, suspended, read_only, inflight: 0, removed: false }),
+                        changed: Condvar::new(),
+                    })
+                })
+                .clone()
+        };
+        let mut s = dev.state.lock().unwrap_or_else(|p| p.into_inner());
+        let same = s.name == name
+            && s.suspended == suspended
+            && s.read_only == read_only
+            && match (&s.table, &table) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+        if !same {
+            s.name = name.to_owned();
+            s.table = table;
+            s.suspended = suspended;
+            s.read_only = read_only;
+            dev.changed.notify_all();
+        }
+    }
+
+    /// Forgets devices the engine no longer has; IO waiting on them fails.
+    pub fn retain(&self, alive: impl Fn(u32) -> bool) {
+        let mut devs = self.inner.devices.write().unwrap_or_else(|p| p.into_inner());
+        devs.retain(|&m, d| {
+            let keep = alive(m);
+            if !keep {
+                let mut s = d.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.removed = true;
+                s.table = None;
+                d.changed.notify_all();
+            }
+            keep
+        });
+    }
+
+    /// The kernel's suspend: stop admitting IO, wait for what is in flight, then flush the
+    /// underlying devices unless `noflush`. The engine's suspend runs afterwards.
+    pub fn drain(&self, minor: u32, noflush: bool) {
+        let Some(dev) = self.device(minor) else { return };
+        let table = {
+            let mut s = dev.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.suspended = true;
+            while s.inflight > 0 {
+                s = dev.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            s.table.clone()
+        };
+        if let (false, Some(t)) = (noflush, table) {
+            if let Err(e) = self.flush_table(&t) {
+                tracing::warn!("flush while suspending dm-{minor}: {e}");
+            }
+        }
+    }
+
+    /// Opens an active device by name for IO (an NBD export, a FUSE file): counts as an open of
+    /// the block device until the handle is dropped.
+    pub fn open(&self, name: &str) -> Option<IoHandle> {
+        let dev = self
+            .inner
+            .devices
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|d| {
+                let s = d.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.name == name && s.table.is_some() && !s.removed
+            })
+            .cloned()?;
+        (self.inner.on_open)(dev.minor, true);
+        Some(IoHandle { plane: self.clone(), dev })
+    }
+
+    /// Active devices (those with a live table): name and size in bytes.
+    pub fn active(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .inner
+            .devices
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|d| {
+                let s = d.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.table.as_ref().map(|t| (s.name.clone(), t.size().bytes()))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn file(&self, p: &Pdev) -> IoResult<Arc<File>> {
+        if let Some(f) = self.inner.files.read().unwrap_or_else(|p| p.into_inner()).get(&p.dev) {
+            return Ok(f.clone());
+        }
+        let path = match &p.kind {
+            PdevKind::File { path } | PdevKind::Block { path } => path,
+            PdevKind::Dm { .. } => return Err(IoError::NoDevice),
+        };
+        let f = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(_) => File::open(path)?,
+        };
+        let f = Arc::new(f);
+        self.inner.files.write().unwrap_or_else(|p| p.into_inner()).insert(p.dev, f.clone());
+        Ok(f)
+    }
+
+    /// Runs one request against a device: split at target boundaries, mapped by each target.
+    fn submit(&self, dev: &DeviceIo, op: Op, offset: u64, buf: IoBuf<'_>) -> IoResult {
+        let pass = dev.enter()?;
+        let len = buf.len();
+        let size = pass.table.size().bytes();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(IoError::Range);
+        }
+        if pass.read_only && op != Op::Read {
+            return Err(IoError::ReadOnly);
+        }
+        let mut buf = buf;
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let sector = Sectors(pos / SECTOR);
+            let t = pass.table.find(sector).ok_or(IoError::Range)?;
+            let within = pos - t.start.bytes();
+            let target_left = t.len.bytes() - within;
+            let want = (len - done).min(target_left);
+            // Targets map in whole sectors; a request that starts mid-sector keeps its offset.
+            let mapping = t.target.map(Sectors(within / SECTOR), Sectors((within % SECTOR + want).div_ceil(SECTOR)));
+            let chunk = match mapping {
+                Mapping::Remap { dev: pdev, sector, max_len } => {
+                    let n = want.min(max_len.bytes() - within % SECTOR);
+                    let at = sector.bytes() + within % SECTOR;
+                    self.pdev_io(pdev, op, at, buf.slice(done, n))?;
+                    n
+                }
+                Mapping::Zero => {
+                    if op == Op::Read {
+                        buf.slice(done, want).zero();
+                    }
+                    want
+                }
+                Mapping::Fail => return Err(IoError::Failed),
+            };
+            done += chunk;
+        }
+        if matches!(op, Op::Write { fua: true } | Op::WriteZeroes { fua: true }) {
+            self.flush_table(&pass.table)?;
+        }
+        Ok(())
+    }
+
+    fn pdev_io(&self, p: &Pdev, op: Op, at: u64, buf: IoBuf<'_>) -> IoResult {
+        if let PdevKind::Dm { minor } = p.kind {
+            let lower = self.device(minor).ok_or(IoError::NoDevice)?;
+            return self.submit(&lower, op, at, buf);
+        }
+        let f = self.file(p)?;
+        match (op, buf) {
+            (Op::Read, IoBuf::Read(b)) => read_full(&f, b, at),
+            (Op::Write { .. }, IoBuf::Write(b)) => Ok(f.write_all_at(b, at)?),
+            (Op::Discard, IoBuf::Len(n)) => punch(&f, at, n, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, false),
+            (Op::WriteZeroes { .. }, IoBuf::Len(n)) => punch(&f, at, n, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, true),
+            _ => unreachable!("op and buffer kinds always match"),
+        }
+    }
+
+    /// fdatasync every underlying device of a table (recursing into stacked devices).
+    fn flush_table(&self, t: &Table) -> IoResult {
+        for p in t.devices() {
+            match p.kind {
+                PdevKind::Dm { minor } => {
+                    if let Some(lower) = self.device(minor) {
+                        let pass = lower.enter()?;
+                        self.flush_table(&pass.table)?;
+                    }
+                }
+                _ => self.file(p)?.sync_data()?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads exactly `b.len()` bytes at `at`; past the end of a file reads zeroes (a file shorter
+/// than its table behaves like a sparse device).
+fn read_full(f: &File, mut b: &mut [u8], mut at: u64) -> IoResult {
+    while !b.is_empty() {
+        match f.read_at(b, at) {
+            Ok(0) => {
+                b.fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                b = &mut b[n..];
+                at += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Discard / write-zeroes on a file or block device with fallocate; write-zeroes falls back to
+/// writing zeroes where the filesystem cannot.
+fn punch(f: &File, at: u64, n: u64, mode: i32, must_zero: bool) -> IoResult {
+    // SAFETY: a valid fd; fallocate only reads its integer arguments.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, at as libc::off_t, n as libc::off_t) };
+    if r == 0 {
+        return Ok(());
+    }
+    if !must_zero {
+        // Discard is advisory: a device that cannot punch holes ignores it.
+        return Ok(());
+    }
+    let zeros = vec![0u8; (n as usize).min(1 << 20)];
+    let mut done = 0;
+    while done < n {
+        let k = (n - done).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..k], at + done)?;
+        done += k as u64;
+    }
+    Ok(())
+}
+
+/// The data of one request (or a length, for discard / write-zeroes).
+enum IoBuf<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+    Len(u64),
+}
+
+impl<'a> IoBuf<'a> {
+    fn len(&self) -> u64 {
+        match self {
+            IoBuf::Read(b) => b.len() as u64,
+            IoBuf::Write(b) => b.len() as u64,
+            IoBuf::Len(n) => *n,
+        }
+    }
+    fn slice(&mut self, from: u64, n: u64) -> IoBuf<'_> {
+        let (a, b) = (from as usize, (from + n) as usize);
+        match self {
+            IoBuf::Read(x) => IoBuf::Read(&mut x[a..b]),
+            IoBuf::Write(x) => IoBuf::Write(&x[a..b]),
+            IoBuf::Len(_) => IoBuf::Len(n),
+        }
+    }
+    fn zero(self) {
+        if let IoBuf::Read(b) = self {
+            b.fill(0)
+        }
+    }
+}
+
+/// An open device, for a front end. Dropping it closes the device.
+pub struct IoHandle {
+    plane: DataPlane,
+    dev: Arc<DeviceIo>,
+}
+
+impl Drop for IoHandle {
+    fn drop(&mut self) {
+        (self.plane.inner.on_open)(self.dev.minor, false);
+    }
+}
+
+impl IoHandle {
+    pub fn minor(&self) -> u32 {
+        self.dev.minor
+    }
+    pub fn name(&self) -> String {
+        self.dev.state.lock().unwrap_or_else(|p| p.into_inner()).name.clone()
+    }
+    /// Current size in bytes (follows resume/resize); 0 once the device is gone.
+    pub fn size(&self) -> u64 {
+        let s = self.dev.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.table.as_ref().map_or(0, |t| t.size().bytes())
+    }
+    pub fn read_only(&self) -> bool {
+        self.dev.state.lock().unwrap_or_else(|p| p.into_inner()).read_only
+    }
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> IoResult {
+        self.plane.submit(&self.dev, Op::Read, offset, IoBuf::Read(buf))
+    }
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> IoResult {
+        self.plane.submit(&self.dev, Op::Write { fua }, offset, IoBuf::Write(data))
+    }
+    pub fn discard(&self, offset: u64, len: u64) -> IoResult {
+        self.plane.submit(&self.dev, Op::Discard, offset, IoBuf::Len(len))
+    }
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> IoResult {
+        self.plane.submit(&self.dev, Op::WriteZeroes { fua }, offset, IoBuf::Len(len))
+    }
+    pub fn flush(&self) -> IoResult {
+        let pass = self.dev.enter()?;
+        self.plane.flush_table(&pass.table)
+    }
+}
