@@ -366,6 +366,9 @@ fn data_size_larger_than_the_buffer_faults() {
             (DM_MAX_DATA_SIZE as usize, real),
             (DM_IOCTL_MIN_SIZE, DM_IOCTL_MIN_SIZE - 1),
         ] {
+            if claim <= sent {
+                continue; // an exact-size buffer: nothing is missing
+            }
             let mut buf = full.clone();
             buf.resize(buf.len().max(claim.min(1 << 20)), 0);
             edit_header(&mut buf, |h| h.data_size = claim as u32);
@@ -583,7 +586,7 @@ fn create_with_bad_names_and_keys() {
     let r = run(&mut c, &IoctlBuf::new(DmCmd::DevCreate).name(&long).uuid(&long_uuid));
     assert_ok_header(&r, "create with unterminated name and uuid fields");
     let h = must_exist(&mut c, &long[..DM_NAME_LEN - 1]);
-    assert_eq!(&h.uuid[..DM_UUID_LEN - 1], long_uuid[..DM_UUID_LEN - 1].as_bytes());
+    assert_eq!(&h.uuid[..DM_UUID_LEN - 1], &long_uuid.as_bytes()[..DM_UUID_LEN - 1]);
     assert_eq!(h.uuid[DM_UUID_LEN - 1], 0);
     finish(&d, &["keep", "both", &long[..DM_NAME_LEN - 1]]);
 }
@@ -828,7 +831,7 @@ fn table_load_spec_chain_abuse_is_einval() {
             ("a spec before the end".into(), to_end - DM_TARGET_SPEC_SIZE as u32),
             ("past the end".into(), to_end + 8),
             ("u32::MAX".into(), u32::MAX),
-            ("u32::MAX aligned".into(), u32::MAX & !7),
+            ("u32::MAX aligned".into(), !7u32),
             ("2 GiB".into(), 0x8000_0000),
         ];
         for (what, next) in nexts {
@@ -913,7 +916,8 @@ fn missing_device_wins_over_malformed_payloads() {
     must_create(&mut c, "real");
     let major = d.major();
     let ghost_dev = DevNum::new(major, 4321).huge_encode();
-    let keys: [(&str, fn(IoctlBuf, u64) -> IoctlBuf); 3] = [
+    type Address = fn(IoctlBuf, u64) -> IoctlBuf;
+    let keys: [(&str, Address); 3] = [
         ("name", |b, _| b.name("ghost")),
         ("uuid", |b, _| b.uuid("ghost-uuid")),
         ("dev", |mut b, dev| {
@@ -1034,6 +1038,63 @@ fn secure_data_failures_wipe_exactly_what_was_copied() {
     finish(&d, &["sd"]);
 }
 
+/// Terminated but wrong payload strings: RENAME's new name/uuid (length, create's name rules),
+/// SET_GEOMETRY's four numbers, TARGET_MSG's words (§2.4, §2.7) — EINVAL, nothing changes.
+#[test]
+fn bad_payload_strings_are_einval() {
+    let d = Daemon::start();
+    let mut c = client(&d);
+    must_create(&mut c, "p");
+    must_create(&mut c, "q");
+    let rename = |to: &str| exact(IoctlBuf::new(DmCmd::DevRename).name("p").string(to));
+    let long_name = "n".repeat(DM_NAME_LEN);
+    for to in ["", "a/b", "/", "control", ".", "..", long_name.as_str()] {
+        let what = format!("rename p to {to:?}");
+        assert_err(&run(&mut c, &rename(to)), EINVAL, &what);
+        assert_serves(&d, &what);
+    }
+    let long_uuid = "u".repeat(DM_UUID_LEN);
+    for to in ["", long_uuid.as_str()] {
+        let b = exact(IoctlBuf::new(DmCmd::DevRename).name("p").flags(DmFlags::UUID).string(to));
+        assert_err(&run(&mut c, &b), EINVAL, &format!("set p's uuid to {} chars", to.len()));
+    }
+    // The new name is checked for use before the old one is looked up.
+    let b = exact(IoctlBuf::new(DmCmd::DevRename).name("ghost").string("q"));
+    assert_err(&run(&mut c, &b), EBUSY, "rename a missing device to a taken name");
+    let h = must_exist(&mut c, "p");
+    assert_eq!(h.uuid[0], 0, "no uuid was set");
+
+    let geo = |g: &str| exact(IoctlBuf::new(DmCmd::DevSetGeometry).name("p").string(g));
+    let bad_geometry = [
+        "", "1 1 1", "1 1 1 0 0", "1 1 1 0 ", "1 1 1 0x", "-1 1 1 0", "+1 1 1 0", "a b c d", "1,1,1,0",
+        "65536 1 1 0", "1 256 1 0", "1 1 256 0", "2 2 2 9",
+    ];
+    for g in bad_geometry {
+        let what = format!("geometry {g:?}");
+        assert_err(&run(&mut c, &geo(g)), EINVAL, &what);
+        assert_serves(&d, &what);
+    }
+    for g in [" 1 1 1 0", "65535 255 255 0", "2 2 2 8", "\t3 3 3 27"] {
+        let r = run(&mut c, &geo(g));
+        assert_eq!((r.ret, r.errno, r.bytes), (0, 0, version_bytes()), "geometry {g:?}");
+    }
+
+    let msg = |m: &str| exact(IoctlBuf::new(DmCmd::TargetMsg).name("p").message(0, m));
+    for m in ["", "   ", "\t\n", "@bogus", "@cancel_deferred_remove extra"] {
+        let what = format!("message {m:?}");
+        assert_err(&run(&mut c, &msg(m)), EINVAL, &what);
+        assert_serves(&d, &what);
+    }
+    assert_ok_header(&run(&mut c, &msg("@cancel_deferred_remove")), "@cancel_deferred_remove");
+    // With a live zero table: no message handler, and a sector beyond the device.
+    assert_ok_header(&run(&mut c, &one_target_load("p")), "load p");
+    assert_ok_header(&run(&mut c, &IoctlBuf::new(DmCmd::DevSuspend).name("p")), "resume p");
+    assert_err(&run(&mut c, &msg("hello")), EINVAL, "message to a zero target");
+    let b = exact(IoctlBuf::new(DmCmd::TargetMsg).name("p").message(8, "hello"));
+    assert_err(&run(&mut c, &b), EINVAL, "message beyond the device");
+    finish(&d, &["p", "q"]);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Framing abuse (docs/control-socket.md "Bounds")
 // ------------------------------------------------------------------------------------------------
@@ -1088,12 +1149,31 @@ enum Closes {
     Client,
 }
 
+/// What the daemon logged while one abuse was handled, checked at the very end of a test (so a
+/// missing warning is reported only after everything else held).
+struct Logged {
+    what: String,
+    log: String,
+}
+
+impl Logged {
+    #[track_caller]
+    fn assert_warned(&self) {
+        assert!(
+            warned_closed(&self.log),
+            "{}: no warning about the closed connection in the daemon log; log while it was handled:\n{}",
+            self.what,
+            self.log
+        );
+    }
+}
+
 /// Runs one abuse on its own connection of a fresh daemon: a connection opened before it and a
-/// device created before it must be unaffected, a new connection must be served, and the daemon
-/// log must carry a warning about the closed connection. Returns the daemon and the earlier
-/// connection for further checks; devices "keep" and "after" exist.
+/// device created before it must be unaffected and a new connection must be served. Returns the
+/// daemon, the earlier connection and what was logged (which must carry a warning about the
+/// closed connection: [`Logged::assert_warned`]); devices "keep" and "after" exist.
 #[must_use]
-fn abuse(what: &str, closes: Closes, act: impl FnOnce(&Daemon, &mut UnixStream)) -> (Daemon, Client) {
+fn abuse(what: &str, closes: Closes, act: impl FnOnce(&Daemon, &mut UnixStream)) -> (Daemon, Client, Logged) {
     let d = Daemon::start();
     let mut pre = client(&d);
     must_create(&mut pre, "keep");
@@ -1106,8 +1186,7 @@ fn abuse(what: &str, closes: Closes, act: impl FnOnce(&Daemon, &mut UnixStream))
         Closes::Daemon => expect_closed_by_daemon(&mut s, what),
         Closes::Client => drop(s),
     }
-    let log = wait_for_log(&d, mark, warned_closed);
-    assert!(warned_closed(&log), "{what}: no warning about the closed connection in the daemon log; new log:\n{log}");
+    let logged = Logged { what: what.to_owned(), log: wait_for_log(&d, mark, warned_closed) };
 
     // The connection opened before the abuse still works, and so does a new one.
     assert_ok(&run(&mut pre, &IoctlBuf::new(DmCmd::Version)), &format!("{what}: the earlier connection"));
@@ -1115,14 +1194,15 @@ fn abuse(what: &str, closes: Closes, act: impl FnOnce(&Daemon, &mut UnixStream))
     assert_serves(&d, what);
     let mut after = client(&d);
     must_create(&mut after, "after");
-    (d, pre)
+    (d, pre, logged)
 }
 
-/// [`abuse`], then the end-of-test checks.
+/// [`abuse`], then the end-of-test checks, then the warning.
 fn abuse_and_finish(what: &str, closes: Closes, act: impl FnOnce(&Daemon, &mut UnixStream)) {
-    let (d, pre) = abuse(what, closes, act);
+    let (d, pre, logged) = abuse(what, closes, act);
     drop(pre);
     finish(&d, &["after", "keep"]);
+    logged.assert_warned();
 }
 
 #[test]
@@ -1137,6 +1217,13 @@ fn frame_with_bad_magic_closes_only_that_connection() {
         let v = IoctlBuf::new(DmCmd::Version).bytes();
         s.write_all(&ioctl_frame(DmCmd::Version.request(), &v)).unwrap();
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        // The good request is answered first.
+        let mut h = [0u8; HEADER_LEN];
+        s.read_exact(&mut h).unwrap();
+        let fh = FrameHeader::read_from_bytes(&h).unwrap();
+        assert_eq!(fh.kind, Kind::IoctlReply as u16);
+        let payload = frame::read_payload(s, fh.len).unwrap();
+        assert_eq!(payload, frame::ioctl_reply(0, 0, &version_bytes()));
     });
 }
 
@@ -1155,8 +1242,11 @@ fn frame_with_nonzero_flags_closes_only_that_connection() {
 
 #[test]
 fn frame_with_unknown_kind_closes_only_that_connection() {
-    // 0 and 5.. are unknown; the daemon→client kinds are not requests.
-    let kinds = [0u16, 5, 0x7f, Kind::IoctlReply as u16, Kind::PlistReply as u16, Kind::HelloReply as u16, Kind::Event as u16, u16::MAX];
+    // Kinds that are not client requests per the declared frame table (docs/control-socket.md):
+    // unassigned numbers and the daemon→client kinds.
+    let candidates = [0u16, 6, 0x7f, 0x80, Kind::IoctlReply as u16, Kind::PlistReply as u16, Kind::HelloReply as u16, Kind::Event as u16, 0x1234, u16::MAX];
+    let kinds: Vec<u16> = candidates.into_iter().filter(|&k| Kind::from_u16(k).and_then(Kind::max_request_len).is_none()).collect();
+    assert!(kinds.len() >= 8, "{kinds:?}");
     for kind in kinds {
         abuse_and_finish(&format!("kind {kind:#x}"), Closes::Daemon, |_, s| {
             s.write_all(&raw_header(MAGIC, kind, 0, 0)).unwrap();
@@ -1211,6 +1301,37 @@ fn half_a_frame_then_disconnect_closes_only_that_connection() {
     });
 }
 
+/// Many connections announcing the largest IOCTL frame and then sending (almost) nothing: the
+/// daemon must not commit memory for announced lengths (docs/control-socket.md "Bounds"), keeps
+/// serving, and warns about each truncated frame when they go.
+#[test]
+fn many_connections_announcing_huge_frames() {
+    let d = Daemon::start();
+    let mut pre = client(&d);
+    must_create(&mut pre, "keep");
+    let mut hogs = Vec::new();
+    for i in 0..64u32 {
+        let mut s = UnixStream::connect(&d.socket).unwrap();
+        let mut f = raw_header(MAGIC, Kind::Ioctl as u16, 0, MAX_IOCTL_PAYLOAD - i);
+        f.extend_from_slice(&DmCmd::TableLoad.request().to_le_bytes());
+        f.extend_from_slice(&IoctlBuf::new(DmCmd::TableLoad).bytes()[..DM_IOCTL_SIZE]);
+        s.write_all(&f).unwrap();
+        hogs.push(s);
+    }
+    assert_serves(&d, "64 connections announcing 1 GiB frames");
+    must_exist(&mut pre, "keep");
+    let mark = d.log().len();
+    drop(hogs);
+    let log = wait_for_log(&d, mark, |l| l.lines().filter(|l| l.contains("WARN")).count() >= 64);
+    assert!(
+        log.lines().filter(|l| l.contains("WARN") && l.to_lowercase().contains("clos")).count() >= 64,
+        "one warning per truncated frame; new log:\n{log}"
+    );
+    assert_ok(&run(&mut pre, &IoctlBuf::new(DmCmd::Version)), "the earlier connection");
+    drop(pre);
+    finish(&d, &["keep"]);
+}
+
 /// Creates "w" with a live table and sends, on `s`, a DM_DEV_WAIT for its next event.
 fn start_dev_wait(d: &Daemon, s: &mut UnixStream) {
     let mut c = client(d);
@@ -1226,7 +1347,7 @@ fn start_dev_wait(d: &Daemon, s: &mut UnixStream) {
 /// and a later event on the device (rename fires one on the live table) harms nobody.
 #[test]
 fn dev_wait_client_disconnecting_while_blocked() {
-    let (d, mut pre) = abuse("disconnect during DM_DEV_WAIT", Closes::Client, |d, s| {
+    let (d, mut pre, logged) = abuse("disconnect during DM_DEV_WAIT", Closes::Client, |d, s| {
         start_dev_wait(d, s);
         // The wait is pending: no reply yet. (Whether the daemon has started waiting when the
         // client goes is not asserted; the outcome must be the same.)
@@ -1242,18 +1363,20 @@ fn dev_wait_client_disconnecting_while_blocked() {
     assert_serves(&d, "the rename");
     drop(pre);
     finish(&d, &["after", "keep", "w2"]);
+    logged.assert_warned();
 }
 
 /// A pipelined request while DM_DEV_WAIT is pending (only CANCEL may come then) closes that
 /// connection.
 #[test]
 fn request_while_dev_wait_pending_closes_only_that_connection() {
-    let (d, pre) = abuse("HELLO sent while DM_DEV_WAIT is pending", Closes::Daemon, |d, s| {
+    let (d, pre, logged) = abuse("HELLO sent while DM_DEV_WAIT is pending", Closes::Daemon, |d, s| {
         start_dev_wait(d, s);
         s.write_all(&raw_header(MAGIC, Kind::Hello as u16, 0, 0)).unwrap();
     });
     drop(pre);
     finish(&d, &["after", "keep", "w"]);
+    logged.assert_warned();
 }
 
 /// CANCEL interrupts a pending DM_DEV_WAIT: EINTR with the version written back; the connection
@@ -1296,7 +1419,10 @@ fn client_that_never_reads_does_not_block_others() {
     let d = Daemon::start();
     let mut pre = client(&d);
     must_create(&mut pre, "keep");
-    let mut hog = UnixStream::connect(&d.socket).unwrap();
+    // The hog arms a poll (as multipathd does), so it is owed EVENT frames.
+    let mut hog = client(&d);
+    assert_ok_header(&run(&mut hog, &IoctlBuf::new(DmCmd::DevArmPoll)), "arm poll");
+    let mut hog = hog.stream().try_clone().unwrap();
     hog.set_nonblocking(true).unwrap();
     let one = ioctl_frame(DmCmd::Version.request(), &DM_VERSION.as_bytes()[..DM_VERSION_BYTES]);
     let chunk: Vec<u8> = one.iter().copied().cycle().take(one.len() * 256).collect();
@@ -1485,7 +1611,7 @@ fn fuzz_table_load_mutations() {
                 312,
                 313,
                 320,
-                len as u32 - 1,
+                (len as u32).wrapping_sub(1),
                 len as u32,
                 len as u32 + 1,
                 DM_MAX_TARGETS,
@@ -1560,7 +1686,14 @@ fn fuzz_table_load_mutations() {
             0 => {
                 assert_eq!(r.errno, 0, "{what}");
                 assert!(generic.is_none(), "{what}: succeeded, but the kernel fails it ({generic:?})");
-                assert_eq!(r.bytes.len(), DM_IOCTL_MIN_SIZE, "{what}: header-only reply");
+                let sent = header_of(&buf);
+                if sent.flags().contains(DmFlags::SECURE_DATA) {
+                    // The wiped buffer shows zeros after the 305-byte reply (§2.1 step 5).
+                    assert_eq!(r.bytes.len(), sent.data_size as usize, "{what}: wiped buffer length");
+                    assert!(r.bytes[DM_IOCTL_MIN_SIZE..].iter().all(|&b| b == 0), "{what}: wiped tail");
+                } else {
+                    assert_eq!(r.bytes.len(), DM_IOCTL_MIN_SIZE, "{what}: header-only reply");
+                }
                 let h = r.header();
                 assert_eq!(h.version, DM_VERSION, "{what}");
                 assert_eq!(h.data_size as usize, DM_IOCTL_MIN_SIZE, "{what}");
@@ -1590,3 +1723,4 @@ fn fuzz_table_load_mutations() {
     assert!(out.ok().contains("fz"), "{out:?}");
     finish(&d, &["fz"]);
 }
+

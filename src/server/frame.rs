@@ -11,6 +11,9 @@ pub const HEADER_LEN: usize = 16;
 pub const MAX_IOCTL_PAYLOAD: u32 = 8 + (1 << 30);
 /// Largest PLIST payload (proplib's own limit is far smaller; see the NetBSD codec).
 pub const MAX_PLIST_PAYLOAD: u32 = 1 << 30;
+/// Largest GENL payload: one netlink message; its attribute may exceed the 65,480-byte policy
+/// bound (answered with `ERANGE`, as the kernel does) up to this frame bound.
+pub const MAX_GENL_PAYLOAD: u32 = 128 * 1024;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -30,9 +33,12 @@ pub enum Kind {
     Plist = 2,
     Hello = 3,
     Cancel = 4,
+    /// The RFC dm-switch generic-netlink upload (docs/protocols.md).
+    Genl = 5,
     IoctlReply = 0x81,
     PlistReply = 0x82,
     HelloReply = 0x83,
+    GenlReply = 0x85,
     Event = 0x90,
 }
 
@@ -43,9 +49,11 @@ impl Kind {
             2 => Kind::Plist,
             3 => Kind::Hello,
             4 => Kind::Cancel,
+            5 => Kind::Genl,
             0x81 => Kind::IoctlReply,
             0x82 => Kind::PlistReply,
             0x83 => Kind::HelloReply,
+            0x85 => Kind::GenlReply,
             0x90 => Kind::Event,
             _ => return None,
         })
@@ -56,6 +64,7 @@ impl Kind {
         match self {
             Kind::Ioctl => Some(MAX_IOCTL_PAYLOAD),
             Kind::Plist => Some(MAX_PLIST_PAYLOAD),
+            Kind::Genl => Some(MAX_GENL_PAYLOAD),
             Kind::Hello | Kind::Cancel => Some(0),
             _ => None,
         }
@@ -106,7 +115,11 @@ const RESERVE_CAP: usize = 256 << 20;
 /// Reads exactly `len` payload bytes. `len` has been checked against the kind's bound; beyond
 /// [`RESERVE_CAP`] the buffer grows only as bytes actually arrive.
 pub fn read_payload(r: &mut impl Read, len: u32) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity((len as usize).min(RESERVE_CAP));
+    let mut buf = Vec::new();
+    // Where address space is short (strict overcommit), fall back to growing as bytes arrive.
+    if buf.try_reserve_exact((len as usize).min(RESERVE_CAP)).is_err() {
+        buf.reserve((len as usize).min(64 * 1024));
+    }
     let got = r.take(len as u64).read_to_end(&mut buf)?;
     if got != len as usize {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short frame"));

@@ -2,6 +2,7 @@
 //! engine behind one lock, event delivery, and the sysfs tree.
 
 pub mod frame;
+mod plist;
 pub mod resolver;
 pub mod sysfs;
 
@@ -17,6 +18,7 @@ use crate::dm::{Command, DmError, Engine, EngineConfig, Request};
 use crate::io::DataPlane;
 use crate::ioctl::linux;
 use frame::{Kind, HEADER_LEN};
+pub use crate::ioctl::netbsd::NetbsdErrors;
 
 /// Daemon settings.
 #[derive(Clone, Debug)]
@@ -24,6 +26,10 @@ pub struct ServeConfig {
     pub socket: PathBuf,
     pub run_dir: PathBuf,
     pub engine: EngineConfig,
+    /// How NETBSD_DM_IOCTL reports failed commands (`--netbsd-errors`).
+    pub netbsd_errors: NetbsdErrors,
+    /// Where the FUSE device files are mounted (`--fuse-dir`), told to clients in HELLO.
+    pub fuse_dir: Option<PathBuf>,
 }
 
 struct State {
@@ -66,6 +72,7 @@ pub struct Daemon {
     hello: String,
     owner_uid: u32,
     io: DataPlane,
+    netbsd_errors: NetbsdErrors,
 }
 
 /// Table loads with at least this many lines hand freed memory back to the system afterwards.
@@ -117,13 +124,16 @@ fn readable(s: &UnixStream) -> bool {
 impl Daemon {
     pub fn new(cfg: &ServeConfig, engine: Engine) -> io::Result<Arc<Self>> {
         let sysfs = sysfs::Sysfs::new(&cfg.run_dir, cfg.engine.major)?;
-        let hello = format!(
+        let mut hello = format!(
             "major={}\nfile_major={}\nrun_dir={}\nversion={}\n",
             cfg.engine.major,
             cfg.engine.file_major,
             cfg.run_dir.display(),
             env!("CARGO_PKG_VERSION")
         );
+        if let Some(d) = &cfg.fuse_dir {
+            hello.push_str(&format!("fuse_dir={}\n", d.display()));
+        }
         Ok(Arc::new_cyclic(|me: &std::sync::Weak<Daemon>| {
             let me = me.clone();
             // Front ends opening a device count as openers of its block device.
@@ -141,6 +151,7 @@ impl Daemon {
                 hello,
                 owner_uid: unsafe { libc::geteuid() },
                 io,
+                netbsd_errors: cfg.netbsd_errors,
             }
         }))
     }
@@ -222,10 +233,14 @@ impl Daemon {
                     self.send(conn, Kind::IoctlReply, &[&frame::ioctl_reply(enc.ret, enc.errno, &enc.bytes)])?;
                     self.after_reply(conn)?;
                 }
-                Kind::Plist => {
-                    // The NetBSD form arrives with the proplib codec; until then it is not a
-                    // request this node understands.
-                    self.send(conn, Kind::IoctlReply, &[&frame::ioctl_reply(-1, libc::ENOTTY, &[])])?;
+                Kind::Plist => self.plist(conn, &payload, privileged)?,
+                Kind::Genl => {
+                    // The RFC dm-switch page-table upload (docs/protocols.md); the engine keeps the
+                    // lock only while the new table is built.
+                    let reply = crate::ioctl::dm_switch::serve(&payload, privileged, |dev, upload| {
+                        self.lock().engine.switch_upload(dev, upload)
+                    });
+                    self.send(conn, Kind::GenlReply, &[&reply])?;
                 }
                 _ => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected frame kind {kind:?}"))),
             }
@@ -250,17 +265,22 @@ impl Daemon {
         Ok(())
     }
 
-    /// Tells every connection whose poll condition just became true.
+    /// Tells every connection whose poll condition just became true. Never blocks: a client that
+    /// does not read its socket (or is mid-reply) gets its EVENT after its next reply instead.
     fn broadcast_events(&self, global: u64) {
         self.events.notify_all();
         let conns: Vec<Arc<Conn>> = self.conns.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for c in conns {
             let mut p = c.poll.lock().unwrap_or_else(|p| p.into_inner());
-            if p.armed && p.saved != global && !p.sent {
-                p.sent = true;
-                drop(p);
-                let _ = self.send(&c, Kind::Event, &[]);
+            if !p.armed || p.saved == global || p.sent {
+                continue;
             }
+            let Ok(w) = c.writer.try_lock() else { continue };
+            let h = frame::header(Kind::Event, 0);
+            // SAFETY: a valid socket fd and a 16-byte buffer. A unix stream socket takes a frame this
+            // small whole or not at all, so the stream never holds half an EVENT.
+            let n = unsafe { libc::send(w.as_raw_fd(), h.as_ptr().cast(), h.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            p.sent = n == h.len() as isize;
         }
     }
 
@@ -320,6 +340,7 @@ impl Daemon {
                     drop(st);
                     let mut raw = [0u8; HEADER_LEN];
                     if stream.read_exact(&mut raw).is_err() {
+                        tracing::warn!("client closed its connection while its DM_DEV_WAIT was pending");
                         return Ok(None);
                     }
                     let (kind, _) = frame::parse_request_header(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
