@@ -62,6 +62,29 @@ impl Client {
         }
     }
 
+    /// Sends one PLIST frame (`NETBSD_DM_IOCTL`: the XML with its NUL) and waits for the
+    /// PLIST_REPLY, skipping EVENT frames. `bytes` is the reply XML (NUL included, empty when the
+    /// copy-in failed).
+    pub fn plist(&mut self, xml: &[u8]) -> io::Result<IoctlResult> {
+        frame::write_frame(&mut self.stream, Kind::Plist, &[xml])?;
+        loop {
+            let mut h = [0u8; HEADER_LEN];
+            self.stream.read_exact(&mut h)?;
+            let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+            let kind = u16::from_le_bytes([h[4], h[5]]);
+            let payload = frame::read_payload(&mut self.stream, len)?;
+            if kind == Kind::Event as u16 {
+                continue;
+            }
+            if kind != Kind::PlistReply as u16 || payload.len() < 8 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected reply frame"));
+            }
+            let ret = i32::from_le_bytes(payload[0..4].try_into().expect("4 bytes"));
+            let errno = i32::from_le_bytes(payload[4..8].try_into().expect("4 bytes"));
+            return Ok(IoctlResult { ret, errno, bytes: payload[8..].to_vec() });
+        }
+    }
+
     /// Sends raw bytes (for malformed-input tests).
     pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.write_all(bytes)

@@ -34,6 +34,19 @@ enum Cmd {
         /// Log filter (tracing env-filter syntax), also read from DMEMU_LOG.
         #[arg(long)]
         log: Option<String>,
+        /// How NETBSD_DM_IOCTL reports a failed command: `real` (its errno) or `compat` (as
+        /// NetBSD: success, with EXISTS cleared and keys missing in the reply).
+        #[arg(long, default_value = "real")]
+        netbsd_errors: server::NetbsdErrors,
+        /// NBD listener: `unix:PATH` or `tcp:HOST:PORT`, repeatable (default:
+        /// `unix:<run dir>/nbd.sock`; `none` for no NBD). One export per active device.
+        #[arg(long = "nbd", value_name = "LISTEN")]
+        nbd: Vec<String>,
+        /// Mount a FUSE directory here with one file per active device, which the shim serves as
+        /// `/dev/mapper/<name>` and `/dev/dm-N` (default: none; `dmemu exec` asks for
+        /// `<run dir>/fuse`). Unmounted on SIGTERM/SIGINT/SIGHUP.
+        #[arg(long, value_name = "DIR")]
+        fuse_dir: Option<PathBuf>,
     },
     /// Run a command against dmemu (LD_PRELOAD shim), starting a daemon first if none answers.
     Exec {
@@ -45,6 +58,12 @@ enum Cmd {
     },
     /// Control-plane benchmarks (results: docs/PERFORMANCE.md).
     Bench(dmemu::bench::BenchArgs),
+    /// Switch-target tools: `switch upload` loads a page table (docs/protocols.md).
+    Switch(dmemu::switch_cli::SwitchArgs),
+    /// Switch-target benchmarks (results: docs/PERFORMANCE.md, "switch").
+    BenchSwitch(dmemu::bench_switch::BenchSwitchArgs),
+    /// NetBSD's dmctl over the proplib ioctl (NETBSD_DM_IOCTL).
+    Nbsd(dmemu::nbsd::NbsdArgs),
 }
 
 /// `$DMEMU_SOCKET`, else `/run/dmemu/control.sock` for root, else a per-user path.
@@ -79,7 +98,8 @@ fn hello_field(hello: &str, key: &str) -> Option<String> {
     hello.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=').map(str::to_owned))
 }
 
-fn serve(socket: Option<PathBuf>, run_dir: Option<PathBuf>, major: Option<u32>, log: Option<String>) -> anyhow_like::Result {
+#[allow(clippy::too_many_arguments)]
+fn serve(socket: Option<PathBuf>, run_dir: Option<PathBuf>, major: Option<u32>, log: Option<String>, netbsd_errors: server::NetbsdErrors, nbd: Vec<String>, fuse_dir: Option<PathBuf>) -> anyhow_like::Result {
     let filter = log.or_else(|| std::env::var("DMEMU_LOG").ok()).unwrap_or_else(|| "info".into());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -98,22 +118,46 @@ fn serve(socket: Option<PathBuf>, run_dir: Option<PathBuf>, major: Option<u32>, 
     let (free, file_major) = server::free_majors(&proc_devices);
     let major = major.unwrap_or(free);
     let file_major = if file_major == major { free } else { file_major };
-    let cfg = ServeConfig { socket: socket.clone(), run_dir, engine: EngineConfig { major, file_major } };
+    let fuse_dir = fuse_dir.map(std::path::absolute).transpose()?;
+    if let Some(d) = &fuse_dir {
+        // Before any thread starts, so every thread inherits the blocked signals.
+        dmemu::fuse::unmount_on_exit_signals(d.clone())?;
+    }
+    let cfg = ServeConfig { socket: socket.clone(), run_dir, engine: EngineConfig { major, file_major }, netbsd_errors, fuse_dir: fuse_dir.clone() };
     let engine = Engine::new(cfg.engine, dmemu::targets::registry(), Box::new(FsResolver));
     let daemon = Daemon::new(&cfg, engine)?;
     tracing::info!("block major {major}, file pseudo-major {file_major}, run dir {}", cfg.run_dir.display());
+    // Mounted before the socket answers, so a client that sees fuse_dir in HELLO finds the files.
+    let _fuse = match &fuse_dir {
+        Some(d) => {
+            let m = dmemu::fuse::mount(d, daemon.io().clone()).map_err(|e| format!("mounting FUSE on {}: {e}", d.display()))?;
+            tracing::info!("device files on {}", m.dir().display());
+            Some(m)
+        }
+        None => None,
+    };
+    let nbd = dmemu::nbd::listeners(&nbd, &cfg.run_dir)?;
+    dmemu::nbd::start(daemon.io().clone(), &nbd, dmemu::nbd::Tuning::default())?;
     daemon.serve(&socket)?;
     Ok(())
 }
 
 /// Starts `dmemu serve` in the background (own session, log in the run dir) and waits for it.
 fn start_daemon(socket: &Path) -> anyhow_like::Result {
+    // With /dev/mapper files (<run dir>/fuse) if this machine lets us mount FUSE, else without.
+    start_daemon_with(socket, true).or_else(|_| start_daemon_with(socket, false))
+}
+
+fn start_daemon_with(socket: &Path, fuse: bool) -> anyhow_like::Result {
     let exe = std::env::current_exe()?;
     let dir = socket.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dmemu.log"))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("serve").arg("--socket").arg(socket);
+    if fuse {
+        cmd.arg("--fuse-dir").arg(dir.join("fuse"));
+    }
     cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // SAFETY: setsid is async-signal-safe; detaches the daemon from our terminal and process group.
     unsafe {
@@ -122,11 +166,14 @@ fn start_daemon(socket: &Path) -> anyhow_like::Result {
             Ok(())
         });
     }
-    cmd.spawn()?;
+    let mut child = cmd.spawn()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if hello(socket).is_some() {
             return Ok(());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!("daemon exited ({st}); see {}", dir.join("dmemu.log").display()).into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -183,9 +230,12 @@ mod anyhow_like {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Serve { socket, run_dir, major, log } => serve(socket, run_dir, major, log),
+        Cmd::Serve { socket, run_dir, major, log, netbsd_errors, nbd, fuse_dir } => serve(socket, run_dir, major, log, netbsd_errors, nbd, fuse_dir),
         Cmd::Exec { socket, command } => exec(socket, command),
         Cmd::Bench(args) => dmemu::bench::run(args),
+        Cmd::Switch(args) => dmemu::switch_cli::run(args, default_socket()),
+        Cmd::BenchSwitch(args) => dmemu::bench_switch::run(args),
+        Cmd::Nbsd(args) => dmemu::nbsd::run(args, default_socket),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

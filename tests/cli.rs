@@ -6,7 +6,8 @@ use common::{bin, Daemon, DMSETUP};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-/// Kills the daemon serving `socket` (found by its command line), by PID.
+/// Kills the daemon serving `socket` (found by its command line), by PID, and waits (bounded) for it
+/// to go, so that it has unmounted its FUSE dir before the test removes the directory.
 fn kill_daemon_for(socket: &str) {
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
@@ -14,6 +15,13 @@ fn kill_daemon_for(socket: &str) {
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
         if args.iter().any(|a| *a == b"serve") && args.iter().any(|a| *a == socket.as_bytes()) {
             unsafe { libc::kill(pid, libc::SIGTERM) };
+            // A dead process's cmdline reads empty (zombie) or is gone.
+            for _ in 0..400 {
+                if std::fs::read(e.path().join("cmdline")).unwrap_or_default().is_empty() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
         }
     }
 }

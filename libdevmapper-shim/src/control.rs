@@ -2,10 +2,12 @@
 //! stat results that look like the misc character device 10:236.
 
 use crate::fds;
+use crate::netbsd;
 use crate::frame::{self, Reader};
+use crate::stat::FakeStat;
 use crate::sys::{self, set_errno};
 use libc::{c_int, c_ulong, c_void};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 const CONTROL_MAJOR: u32 = 10;
 const CONTROL_MINOR: u32 = 236;
@@ -43,6 +45,13 @@ pub fn open(flags: c_int) -> c_int {
 /// requests must not interleave. Striped by socket inode so dup'ed fds share a lock.
 static LOCKS: [Mutex<()>; 32] = [const { Mutex::new(()) }; 32];
 
+/// Holds the exchange lock of the connection whose socket has inode `ino`.
+pub fn exchange_lock(ino: u64) -> MutexGuard<'static, ()> {
+    LOCKS[(ino % LOCKS.len() as u64) as usize]
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
 /// `ioctl(fd, request, arg)` on a control fd whose socket has inode `ino`.
 ///
 /// # Safety
@@ -60,6 +69,10 @@ pub unsafe fn ioctl(fd: c_int, ino: u64, request: c_ulong, arg: *mut c_void) -> 
     if arg.is_null() {
         return fail(libc::EFAULT);
     }
+    if request == netbsd::NETBSD_DM_IOCTL {
+        // SAFETY: for this request `arg` is the caller's `struct plistref`.
+        return unsafe { netbsd::ioctl(fd, ino, arg) };
+    }
     let buf = arg.cast::<u8>();
     // SAFETY: every DM request starts with `struct dm_ioctl`; data_size is the u32 at offset 12.
     let data_size = unsafe { buf.add(12).cast::<u32>().read_unaligned() };
@@ -71,9 +84,7 @@ pub unsafe fn ioctl(fd: c_int, ino: u64, request: c_ulong, arg: *mut c_void) -> 
     // Never write past what the caller said its buffer holds (linux-dm-abi.md §2.1 step 9).
     let cap = data_size.max(MIN_SEND);
 
-    let _guard = LOCKS[(ino % LOCKS.len() as u64) as usize]
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _guard = exchange_lock(ino);
     if frame::drain_events(fd).is_err() {
         return fail(libc::EIO);
     }
@@ -104,7 +115,7 @@ pub unsafe fn ioctl(fd: c_int, ino: u64, request: c_ulong, arg: *mut c_void) -> 
     }
 }
 
-fn fail(e: c_int) -> c_int {
+pub fn fail(e: c_int) -> c_int {
     set_errno(e);
     -1
 }
@@ -140,61 +151,17 @@ fn node_time() -> i64 {
     *T.get_or_init(|| unsafe { libc::time(std::ptr::null_mut()) })
 }
 
-/// Fills a `struct stat`/`stat64` as for `crw------- root root 10, 236`, so libdm neither unlinks nor
-/// re-mknods the node (interposition.md §1.1 item 3) and the socket does not show as S_IFSOCK.
-macro_rules! fake_stat_fn {
-    ($name:ident, $ty:ty) => {
-        /// # Safety
-        /// `st` must be NULL or writable.
-        pub unsafe fn $name(st: *mut $ty) -> c_int {
-            if st.is_null() {
-                return fail(libc::EFAULT);
-            }
-            // SAFETY: caller's contract; all-zero is a valid stat, then set the meaningful fields.
-            let st = unsafe {
-                st.write_bytes(0, 1);
-                &mut *st
-            };
-            let t = node_time();
-            st.st_dev = libc::makedev(0, 5);
-            st.st_ino = u64::from(CONTROL_MINOR) as _;
-            st.st_nlink = 1;
-            st.st_mode = libc::S_IFCHR | 0o600;
-            st.st_rdev = libc::makedev(CONTROL_MAJOR, CONTROL_MINOR);
-            st.st_blksize = 4096;
-            st.st_atime = t;
-            st.st_mtime = t;
-            st.st_ctime = t;
-            0
-        }
-    };
-}
-fake_stat_fn!(fake_stat, libc::stat);
-fake_stat_fn!(fake_stat64, libc::stat64);
-
-/// # Safety
-/// `stx` must be NULL or writable.
-pub unsafe fn fake_statx(stx: *mut libc::statx) -> c_int {
-    if stx.is_null() {
-        return fail(libc::EFAULT);
+/// `crw------- root root 10, 236`, so libdm neither unlinks nor re-mknods the node
+/// (interposition.md §1.1 item 3) and the socket does not show as S_IFSOCK.
+pub fn fake_stat() -> FakeStat {
+    FakeStat {
+        mode: libc::S_IFCHR | 0o600,
+        rdev: (CONTROL_MAJOR, CONTROL_MINOR),
+        dev: (0, 5),
+        ino: u64::from(CONTROL_MINOR),
+        uid: 0,
+        gid: 0,
+        size: 0,
+        time: (node_time(), 0),
     }
-    // SAFETY: caller's contract; all-zero is a valid statx.
-    let stx = unsafe {
-        stx.write_bytes(0, 1);
-        &mut *stx
-    };
-    let t = node_time();
-    stx.stx_mask = libc::STATX_BASIC_STATS;
-    stx.stx_blksize = 4096;
-    stx.stx_nlink = 1;
-    stx.stx_mode = (libc::S_IFCHR | 0o600) as u16;
-    stx.stx_ino = u64::from(CONTROL_MINOR);
-    stx.stx_atime.tv_sec = t;
-    stx.stx_ctime.tv_sec = t;
-    stx.stx_mtime.tv_sec = t;
-    stx.stx_rdev_major = CONTROL_MAJOR;
-    stx.stx_rdev_minor = CONTROL_MINOR;
-    stx.stx_dev_major = 0;
-    stx.stx_dev_minor = 5;
-    0
 }

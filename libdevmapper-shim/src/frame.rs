@@ -8,9 +8,11 @@ use std::sync::OnceLock;
 
 pub const MAGIC: u32 = 0x5545_4d44;
 pub const IOCTL: u16 = 1;
+pub const PLIST: u16 = 2;
 pub const HELLO: u16 = 3;
 pub const CANCEL: u16 = 4;
 pub const IOCTL_REPLY: u16 = 0x81;
+pub const PLIST_REPLY: u16 = 0x82;
 pub const HELLO_REPLY: u16 = 0x83;
 pub const EVENT: u16 = 0x90;
 
@@ -250,6 +252,9 @@ pub struct Facts {
     pub major: u32,
     /// Root of the daemon's sysfs mirror, without a trailing slash.
     pub run_dir: Vec<u8>,
+    /// The daemon's FUSE directory of device files (`fuse_dir=`), without a trailing slash; None
+    /// when it serves none, and DM block nodes are then left alone.
+    pub fuse_dir: Option<Vec<u8>>,
 }
 
 static FACTS: OnceLock<Facts> = OnceLock::new();
@@ -309,22 +314,30 @@ fn hello_on(fd: c_int) -> Option<Facts> {
 }
 
 fn parse_hello(body: &[u8]) -> Option<Facts> {
-    let (mut major, mut run_dir) = (None, None);
+    let (mut major, mut run_dir, mut fuse_dir) = (None, None, None);
     for line in body.split(|&c| c == b'\n') {
         if let Some(v) = line.strip_prefix(b"major=") {
             major = std::str::from_utf8(v)
                 .ok()
                 .and_then(|s| s.trim().parse::<u32>().ok());
         } else if let Some(v) = line.strip_prefix(b"run_dir=") {
-            let mut v = v.to_vec();
-            while v.len() > 1 && v.ends_with(b"/") {
-                v.pop();
-            }
-            run_dir = Some(v).filter(|v| v.starts_with(b"/") && !v.contains(&0));
+            run_dir = abs_dir(v);
+        } else if let Some(v) = line.strip_prefix(b"fuse_dir=") {
+            fuse_dir = abs_dir(v);
         }
     }
     Some(Facts {
         major: major?,
         run_dir: run_dir?,
+        fuse_dir,
     })
+}
+
+/// An absolute directory path without trailing slashes, or None.
+fn abs_dir(v: &[u8]) -> Option<Vec<u8>> {
+    let mut v = v.to_vec();
+    while v.len() > 1 && v.ends_with(b"/") {
+        v.pop();
+    }
+    Some(v).filter(|v| v.starts_with(b"/") && !v.contains(&0))
 }

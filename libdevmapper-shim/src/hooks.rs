@@ -6,10 +6,12 @@
 //! they take a fixed last argument, which is register-compatible on x86-64 and aarch64 Linux (§1.3).
 //! The real functions are called through variadic pointer types, as C callers would.
 
+use crate::blockdev;
 use crate::control;
-use crate::fds;
+use crate::fds::{self, Mark};
 use crate::paths::{self, classify, Target};
 use crate::procdevices;
+use crate::stat::{self as fake, StatBuf};
 use crate::sys::{self, pass, set_errno};
 use libc::{
     c_char, c_int, c_long, c_uint, c_ulong, c_void, dev_t, mode_t, size_t, ssize_t, DIR, FILE,
@@ -59,22 +61,24 @@ fn guard<R>(fail: R, body: impl FnOnce() -> R) -> R {
 
 // ---- open family -------------------------------------------------------------------------------
 
+/// `real(path, flags)` is the real function with the caller's other arguments.
 unsafe fn open_common(
     path: *const c_char,
     flags: c_int,
-    real: impl Fn(*const c_char) -> c_int,
+    real: impl Fn(*const c_char, c_int) -> c_int,
 ) -> c_int {
     match classify(path) {
-        Target::Pass => real(path),
+        Target::Pass => real(path, flags),
         Target::Control => control::open(flags),
         // Only a plain read-only open is served from a copy (not O_PATH/O_DIRECTORY or writes).
         Target::ProcDevices
             if flags & (libc::O_ACCMODE | libc::O_PATH | libc::O_DIRECTORY) == libc::O_RDONLY =>
         {
-            procdevices::open(flags & libc::O_CLOEXEC != 0).unwrap_or_else(|| real(path))
+            procdevices::open(flags & libc::O_CLOEXEC != 0).unwrap_or_else(|| real(path, flags))
         }
-        Target::ProcDevices => real(path),
-        Target::Redirect(p) => real(p.as_ptr()),
+        Target::ProcDevices => real(path, flags),
+        Target::Redirect(p) => real(p.as_ptr(), flags),
+        Target::Block(b) => blockdev::open(&b, path, flags, real),
     }
 }
 
@@ -82,7 +86,7 @@ macro_rules! open_hooks {
     ($($name:ident)*) => {$(
         #[no_mangle]
         pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
-            guard(-1, || open_common(path, flags, |p| pass!($name: OpenFn, -1; p, flags, mode as c_uint)))
+            guard(-1, || open_common(path, flags, |p, f| pass!($name: OpenFn, -1; p, f, mode as c_uint)))
         }
     )*};
 }
@@ -92,7 +96,7 @@ macro_rules! open2_hooks {
     ($($name:ident)*) => {$(
         #[no_mangle]
         pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int) -> c_int {
-            guard(-1, || open_common(path, flags, |p| pass!($name: Open2Fn, -1; p, flags)))
+            guard(-1, || open_common(path, flags, |p, f| pass!($name: Open2Fn, -1; p, f)))
         }
     )*};
 }
@@ -103,7 +107,7 @@ macro_rules! openat_hooks {
     ($($name:ident)*) => {$(
         #[no_mangle]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
-            guard(-1, || open_common(path, flags, |p| pass!($name: OpenatFn, -1; dirfd, p, flags, mode as c_uint)))
+            guard(-1, || open_common(path, flags, |p, f| pass!($name: OpenatFn, -1; dirfd, p, f, mode as c_uint)))
         }
     )*};
 }
@@ -113,7 +117,7 @@ macro_rules! openat2_hooks {
     ($($name:ident)*) => {$(
         #[no_mangle]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
-            guard(-1, || open_common(path, flags, |p| pass!($name: Openat2Fn, -1; dirfd, p, flags)))
+            guard(-1, || open_common(path, flags, |p, f| pass!($name: Openat2Fn, -1; dirfd, p, f)))
         }
     )*};
 }
@@ -145,6 +149,7 @@ unsafe fn fopen_common(
     match classify(path) {
         Target::Pass => real(path),
         Target::Redirect(p) => real(p.as_ptr()),
+        Target::Block(b) => blockdev::fopen(&b, path, real),
         Target::Control => {
             let fd = control::open(libc::O_RDWR | if cloexec { libc::O_CLOEXEC } else { 0 });
             if fd < 0 {
@@ -232,6 +237,7 @@ unsafe fn access_common(
         }
         Target::Control => 0,
         Target::Redirect(p) => real(p.as_ptr()),
+        Target::Block(b) => blockdev::access(&b, path, real),
         _ => real(path),
     }
 }
@@ -261,86 +267,87 @@ pub unsafe extern "C" fn faccessat(
 
 // ---- stat family -------------------------------------------------------------------------------
 
-unsafe fn stat_path<B>(
+unsafe fn stat_path<B: StatBuf>(
     path: *const c_char,
     buf: *mut B,
-    fake: unsafe fn(*mut B) -> c_int,
     real: impl Fn(*const c_char) -> c_int,
 ) -> c_int {
     match classify(path) {
-        Target::Control => fake(buf),
+        Target::Control => fake::write(buf, &control::fake_stat()),
         Target::Redirect(p) => real(p.as_ptr()),
+        Target::Block(b) => match blockdev::path_stat(&b, path) {
+            Some(f) => fake::write(buf, &f),
+            None => real(path),
+        },
         _ => real(path),
     }
 }
 
-unsafe fn stat_fd<B>(
-    fd: c_int,
-    buf: *mut B,
-    fake: unsafe fn(*mut B) -> c_int,
-    real: impl Fn() -> c_int,
-) -> c_int {
-    match fds::control_ino(fd) {
-        Some(_) => fake(buf),
+unsafe fn stat_fd<B: StatBuf>(fd: c_int, buf: *mut B, real: impl Fn() -> c_int) -> c_int {
+    match fds::lookup(fd) {
+        Some(Mark::Control(_)) => fake::write(buf, &control::fake_stat()),
+        Some(Mark::Block(st)) => match blockdev::fake(&st) {
+            Some(f) => fake::write(buf, &f),
+            None => real(),
+        },
         None => real(),
     }
 }
 
 /// The `*at` forms: `(fd, "", AT_EMPTY_PATH)` is an fstat of `fd` (Rust std's `File::metadata`).
-unsafe fn stat_at<B>(
+unsafe fn stat_at<B: StatBuf>(
     dirfd: c_int,
     path: *const c_char,
     flags: c_int,
     buf: *mut B,
-    fake: unsafe fn(*mut B) -> c_int,
     real: impl Fn(*const c_char) -> c_int,
 ) -> c_int {
     if flags & libc::AT_EMPTY_PATH != 0 && !path.is_null() && *path == 0 {
-        stat_fd(dirfd, buf, fake, || real(path))
+        stat_fd(dirfd, buf, || real(path))
     } else {
-        stat_path(path, buf, fake, real)
+        stat_path(path, buf, real)
     }
 }
 
 macro_rules! stat_hooks {
-    ($($name:ident: $buf:ty, $fake:path;)*) => {$(
+    ($($name:ident: $buf:ty;)*) => {$(
         #[no_mangle]
         pub unsafe extern "C" fn $name(path: *const c_char, buf: *mut $buf) -> c_int {
-            guard(-1, || stat_path(path, buf, $fake, |p| pass!($name: StatFn<$buf>, -1; p, buf)))
+            guard(-1, || stat_path(path, buf, |p| pass!($name: StatFn<$buf>, -1; p, buf)))
         }
     )*};
 }
 stat_hooks! {
-    stat: Stat, control::fake_stat;
-    stat64: Stat64, control::fake_stat64;
-    lstat: Stat, control::fake_stat;
-    lstat64: Stat64, control::fake_stat64;
+    stat: Stat;
+    stat64: Stat64;
+    lstat: Stat;
+    lstat64: Stat64;
 }
 
 macro_rules! fstat_hooks {
-    ($($name:ident: $buf:ty, $fake:path;)*) => {$(
+    ($($name:ident: $buf:ty;)*) => {$(
         #[no_mangle]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *mut $buf) -> c_int {
-            guard(-1, || stat_fd(fd, buf, $fake, || pass!($name: FstatFn<$buf>, -1; fd, buf)))
+            guard(-1, || stat_fd(fd, buf, || pass!($name: FstatFn<$buf>, -1; fd, buf)))
         }
     )*};
 }
 fstat_hooks! {
-    fstat: Stat, control::fake_stat;
-    fstat64: Stat64, control::fake_stat64;
+    fstat: Stat;
+    fstat64: Stat64;
 }
 
 macro_rules! fstatat_hooks {
-    ($($name:ident: $buf:ty, $fake:path;)*) => {$(
+    ($($name:ident: $buf:ty;)*) => {$(
         #[no_mangle]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, buf: *mut $buf, flags: c_int) -> c_int {
-            guard(-1, || stat_at(dirfd, path, flags, buf, $fake, |p| pass!($name: FstatatFn<$buf>, -1; dirfd, p, buf, flags)))
+            guard(-1, || stat_at(dirfd, path, flags, buf, |p| pass!($name: FstatatFn<$buf>, -1; dirfd, p, buf, flags)))
         }
     )*};
 }
 fstatat_hooks! {
-    fstatat: Stat, control::fake_stat;
-    fstatat64: Stat64, control::fake_stat64;
+    fstatat: Stat;
+    fstatat64: Stat64;
 }
 
 /// glibc has no `newfstatat` symbol (it is the syscall's name), but some code declares and calls it;
@@ -353,7 +360,7 @@ pub unsafe extern "C" fn newfstatat(
     flags: c_int,
 ) -> c_int {
     guard(-1, || {
-        stat_at(dirfd, path, flags, buf, control::fake_stat, |p| {
+        stat_at(dirfd, path, flags, buf, |p| {
             match sys::real!(newfstatat: FstatatFn<Stat>) {
                 Some(f) => f(dirfd, p, buf, flags),
                 None => pass!(fstatat: FstatatFn<Stat>, -1; dirfd, p, buf, flags),
@@ -371,57 +378,50 @@ pub unsafe extern "C" fn statx(
     buf: *mut libc::statx,
 ) -> c_int {
     guard(-1, || {
-        stat_at(
-            dirfd,
-            path,
-            flags,
-            buf,
-            control::fake_statx,
-            |p| pass!(statx: StatxFn, -1; dirfd, p, flags, mask, buf),
-        )
+        stat_at(dirfd, path, flags, buf, |p| pass!(statx: StatxFn, -1; dirfd, p, flags, mask, buf))
     })
 }
 
 // Pre-2.33 glibc ABI (`ver` is _STAT_VER, passed through unchanged).
 macro_rules! xstat_hooks {
-    ($($name:ident: $buf:ty, $fake:path;)*) => {$(
+    ($($name:ident: $buf:ty;)*) => {$(
         #[no_mangle]
         pub unsafe extern "C" fn $name(ver: c_int, path: *const c_char, buf: *mut $buf) -> c_int {
-            guard(-1, || stat_path(path, buf, $fake, |p| pass!($name: XstatFn<$buf>, -1; ver, p, buf)))
+            guard(-1, || stat_path(path, buf, |p| pass!($name: XstatFn<$buf>, -1; ver, p, buf)))
         }
     )*};
 }
 xstat_hooks! {
-    __xstat: Stat, control::fake_stat;
-    __xstat64: Stat64, control::fake_stat64;
-    __lxstat: Stat, control::fake_stat;
-    __lxstat64: Stat64, control::fake_stat64;
+    __xstat: Stat;
+    __xstat64: Stat64;
+    __lxstat: Stat;
+    __lxstat64: Stat64;
 }
 
 macro_rules! fxstat_hooks {
-    ($($name:ident: $buf:ty, $fake:path;)*) => {$(
+    ($($name:ident: $buf:ty;)*) => {$(
         #[no_mangle]
         pub unsafe extern "C" fn $name(ver: c_int, fd: c_int, buf: *mut $buf) -> c_int {
-            guard(-1, || stat_fd(fd, buf, $fake, || pass!($name: FxstatFn<$buf>, -1; ver, fd, buf)))
+            guard(-1, || stat_fd(fd, buf, || pass!($name: FxstatFn<$buf>, -1; ver, fd, buf)))
         }
     )*};
 }
 fxstat_hooks! {
-    __fxstat: Stat, control::fake_stat;
-    __fxstat64: Stat64, control::fake_stat64;
+    __fxstat: Stat;
+    __fxstat64: Stat64;
 }
 
 macro_rules! fxstatat_hooks {
-    ($($name:ident: $buf:ty, $fake:path;)*) => {$(
+    ($($name:ident: $buf:ty;)*) => {$(
         #[no_mangle]
         pub unsafe extern "C" fn $name(ver: c_int, dirfd: c_int, path: *const c_char, buf: *mut $buf, flags: c_int) -> c_int {
-            guard(-1, || stat_at(dirfd, path, flags, buf, $fake, |p| pass!($name: FxstatatFn<$buf>, -1; ver, dirfd, p, buf, flags)))
+            guard(-1, || stat_at(dirfd, path, flags, buf, |p| pass!($name: FxstatatFn<$buf>, -1; ver, dirfd, p, buf, flags)))
         }
     )*};
 }
 fxstatat_hooks! {
-    __fxstatat: Stat, control::fake_stat;
-    __fxstatat64: Stat64, control::fake_stat64;
+    __fxstatat: Stat;
+    __fxstatat64: Stat64;
 }
 
 // ---- mknod family: creating the control node "succeeds" without touching the fs (§1.1 item 3) ----
@@ -490,8 +490,9 @@ pub unsafe extern "C" fn __xmknodat(
 
 #[no_mangle]
 pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) -> c_int {
-    guard(-1, || match fds::control_ino(fd) {
-        Some(ino) => control::ioctl(fd, ino, request, arg),
+    guard(-1, || match fds::lookup(fd) {
+        Some(Mark::Control(ino)) => control::ioctl(fd, ino, request, arg),
+        Some(Mark::Block(st)) => blockdev::ioctl(fd, &st, request, arg, || pass!(ioctl: IoctlFn, -1; fd, request, arg)),
         None => pass!(ioctl: IoctlFn, -1; fd, request, arg),
     })
 }
@@ -505,12 +506,12 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     })
 }
 
-/// Runs a dup-like call and gives the new fd the old one's control mark (or clears a stale one).
+/// Runs a dup-like call and gives the new fd the old one's mark (or clears a stale one).
 unsafe fn dup_common(old: c_int, new: Option<c_int>, real: impl FnOnce() -> c_int) -> c_int {
-    let ino = fds::control_ino(old);
+    let mark = fds::live(old);
     let r = real();
     if r >= 0 && new.is_none_or(|n| n != old) {
-        fds::copied(ino, r);
+        fds::copied(mark, r);
     }
     r
 }

@@ -11,11 +11,17 @@
 //!   stray fds at start-up); the only fds we hand out are control sockets the caller owns;
 //! * our own helpers use raw syscalls or functions we do not export, so they can never re-enter a hook;
 //! * no panic unwinds across the C ABI (`hooks::guard`).
+//!
+//! With a daemon that serves device files (`dmemu serve --fuse-dir`), DM block nodes are redirected to
+//! them and made to look like block devices (`blockdev`); without one they are left alone.
 
+mod blockdev;
 mod control;
 mod fds;
 mod frame;
 mod hooks;
+mod netbsd;
 mod paths;
 mod procdevices;
+mod stat;
 mod sys;

@@ -14,6 +14,17 @@ pub enum Target {
     ProcDevices,
     /// A DM sysfs path, rewritten into the daemon's mirror (§1.2, docs/control-socket.md "sysfs tree").
     Redirect(CString),
+    /// A DM block node (`/dev/mapper/<name>`, `$DM_DEV_DIR/mapper/<name>`, `/dev/dm-N`) while the
+    /// daemon serves device files (§1.6 "Data plane", docs/control-socket.md "The FUSE directory").
+    Block(BlockPath),
+}
+
+pub struct BlockPath {
+    /// The device's file in the daemon's FUSE directory.
+    pub fuse: CString,
+    /// libdm keeps real nodes at this path (its node directory, as root): what stands there
+    /// decides whether the node "exists" — see [`crate::blockdev`].
+    pub managed: bool,
 }
 
 /// Sysfs prefixes that name a DM device by kernel name.
@@ -38,8 +49,79 @@ pub unsafe fn classify(path: *const c_char) -> Target {
     } else if b.starts_with(b"/sys/") {
         sysfs(b)
     } else {
-        Target::Pass
+        block(b).map_or(Target::Pass, Target::Block)
     }
+}
+
+/// `<dir>/mapper/<name>` with `<dir>` one of `/dev` and `$DM_DEV_DIR`, or `/dev/dm-<N>`; None (costing
+/// a memrchr and a few comparisons for the common path) for anything else or while the daemon
+/// serves no device files.
+fn block(b: &[u8]) -> Option<BlockPath> {
+    if let Some(n) = b.strip_prefix(b"/dev/dm-") {
+        if n.is_empty() || n.len() > 7 || !n.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let f = frame::facts()?;
+        let fuse_dir = f.fuse_dir.as_ref()?;
+        let name = dm_name(&f.run_dir, n)?;
+        return Some(BlockPath { fuse: join(fuse_dir, &name)?, managed: false });
+    }
+    let slash = b.iter().rposition(|&c| c == b'/')?;
+    let (dir, name) = (&b[..slash], &b[slash + 1..]);
+    let parent = dir.strip_suffix(b"/mapper")?;
+    if name.is_empty() || name == b"." || name == b".." || name == b"control" {
+        return None;
+    }
+    let dev_dir = dm_dev_dir();
+    let is_dev = parent == b"/dev";
+    let is_dm_dev_dir = dev_dir.as_deref() == Some(parent);
+    if !is_dev && !is_dm_dev_dir {
+        return None;
+    }
+    let f = frame::facts()?;
+    let fuse_dir = f.fuse_dir.as_ref()?;
+    // libdm makes nodes in $DM_DEV_DIR/mapper (/dev/mapper without it), but only root can.
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let managed = root && (is_dm_dev_dir || (is_dev && dev_dir.is_none()));
+    Some(BlockPath { fuse: join(fuse_dir, name)?, managed })
+}
+
+/// `$DM_DEV_DIR` without trailing slashes (None when unset, empty or `/dev`).
+fn dm_dev_dir() -> Option<Vec<u8>> {
+    // SAFETY: getenv with a NUL-terminated name; the result is copied at once.
+    let p = unsafe { libc::getenv(c"DM_DEV_DIR".as_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: getenv returns a NUL-terminated string.
+    let mut v = unsafe { CStr::from_ptr(p) }.to_bytes();
+    while v.len() > 1 && v.ends_with(b"/") {
+        v = &v[..v.len() - 1];
+    }
+    (!v.is_empty() && v != b"/dev").then(|| v.to_vec())
+}
+
+fn join(dir: &[u8], name: &[u8]) -> Option<CString> {
+    let mut p = Vec::with_capacity(dir.len() + name.len() + 2);
+    p.extend_from_slice(dir);
+    p.push(b'/');
+    p.extend_from_slice(name);
+    CString::new(p).ok()
+}
+
+/// The name of `dm-<n>` from the daemon's sysfs tree (`<run_dir>/sys/block/dm-<n>/dm/name`).
+fn dm_name(run_dir: &[u8], n: &[u8]) -> Option<Vec<u8>> {
+    let mut p = run_dir.to_vec();
+    p.extend_from_slice(b"/sys/block/dm-");
+    p.extend_from_slice(n);
+    p.extend_from_slice(b"/dm/name");
+    let p = CString::new(p).ok()?;
+    let mut name = crate::sys::keep_errno(|| crate::sys::read_small(&p))?;
+    while name.last().is_some_and(|c| c.is_ascii_whitespace()) {
+        name.pop();
+    }
+    (!name.is_empty() && !name.contains(&b'/')).then_some(name)
 }
 
 fn control_path(b: &[u8]) -> bool {

@@ -105,3 +105,33 @@ pub fn sys_fstat(fd: c_int) -> Option<libc::stat> {
     };
     (r == 0).then_some(st)
 }
+
+/// `stat(path)` (or `lstat` with `nofollow`) without going through the stat hooks; None (errno set)
+/// on failure.
+pub fn sys_stat(path: &CStr, nofollow: bool) -> Option<libc::stat> {
+    // SAFETY: an all-zero `struct stat` is valid; the kernel fills it in.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let flags = if nofollow { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
+    // SAFETY: valid pointers.
+    let r = unsafe { libc::syscall(libc::SYS_newfstatat, libc::AT_FDCWD, path.as_ptr(), &mut st, flags) };
+    (r == 0).then_some(st)
+}
+
+/// The first few KiB of a small file (a sysfs attribute), read without our hooks.
+pub fn read_small(path: &CStr) -> Option<Vec<u8>> {
+    let fd = sys_open(path, libc::O_RDONLY | libc::O_CLOEXEC);
+    if fd < 0 {
+        return None;
+    }
+    let mut buf = vec![0u8; 4096];
+    let n = loop {
+        // SAFETY: reading into our buffer (read is not hooked).
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 || errno() != libc::EINTR {
+            break n;
+        }
+    };
+    sys_close(fd);
+    buf.truncate(usize::try_from(n).ok()?);
+    Some(buf)
+}

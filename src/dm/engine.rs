@@ -79,6 +79,11 @@ impl Engine {
         self.reap_deferred();
     }
 
+    /// A device's status fill, by minor (DEV_WAIT keeps the device it looked up once).
+    pub fn dev_info(&self, minor: u32, query_inactive: bool) -> Option<DevInfo> {
+        self.devices.contains_key(&minor).then(|| self.info(minor, query_inactive))
+    }
+
     /// Minor of a device, for callers that act before the engine does (draining IO).
     pub fn lookup(&self, key: &DevKey) -> Option<u32> {
         self.find(key).ok()
@@ -308,7 +313,9 @@ impl Engine {
 
     /// Removes devices marked for deferred removal once nothing holds them.
     fn reap_deferred(&mut self) {
-        while let Some(m) = self.devices.values().find(|d| d.deferred_remove).map(|d| d.minor).filter(|&m| self.open_count(m) == 0) {
+        // Repeat while progress is made: removing one marked device can free the next one down
+        // a stack.
+        while let Some(m) = self.devices.values().filter(|d| d.deferred_remove).map(|d| d.minor).find(|&m| self.open_count(m) == 0) {
             tracing::info!("deferred removal of {}", self.devices[&m].name);
             self.destroy(m);
         }

@@ -40,6 +40,30 @@ pub trait Target: Send + Sync {
     fn presuspend(&self, _noflush: bool) {}
     fn postsuspend(&self) {}
     fn resume(&self) {}
+
+    /// The RFC dm-switch page-table upload (docs/protocols.md). `None`: this target does not take
+    /// page tables (the engine looks further); `Some(result)`: it handled the upload.
+    fn upload_page_table(&self, _upload: &PageTableUpload) -> Option<DmResult<()>> {
+        None
+    }
+}
+
+/// One `IpcPgTable` message of the RFC dm-switch upload (seed 000) after its wire checks (too
+/// short, too many entries, invalid mask, incomplete), as a target receives it. `entries` holds
+/// exactly the message's 32-bit words: `page_count` entries of `pte_bits` bits, `32 / pte_bits` per
+/// word from the least significant bits up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageTableUpload {
+    pub userland: [u32; 2],
+    pub page_total: u32,
+    pub page_offset: u32,
+    pub page_count: u32,
+    /// Carried but not checked, as in the seed.
+    pub page_size: u32,
+    pub dev_count: u16,
+    /// 1..=32.
+    pub pte_bits: u8,
+    pub entries: Vec<u32>,
 }
 
 /// What building one table needs from the engine: the pdev registry, the outside world, and

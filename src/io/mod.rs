@@ -31,6 +31,10 @@ pub enum IoError {
     Range,
     #[error("IO failed by the table (error target)")]
     Failed,
+    /// Only from the `*_nowait` calls: the request would wait (device suspended, data not in
+    /// memory); nothing was changed that the blocking call would not redo.
+    #[error("IO would block")]
+    WouldBlock,
     #[error("{0}")]
     Os(#[from] std::io::Error),
 }
@@ -42,6 +46,7 @@ impl IoError {
             IoError::ReadOnly => libc::EPERM,
             IoError::Range => libc::EINVAL,
             IoError::Failed => libc::EIO,
+            IoError::WouldBlock => libc::EAGAIN,
             IoError::Os(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -88,8 +93,16 @@ impl Drop for Pass<'_> {
 impl DeviceIo {
     /// Waits while suspended (new IO runs against whatever table is live after the resume).
     fn enter(&self) -> IoResult<Pass<'_>> {
+        self.enter_or(true)
+    }
+
+    /// `wait` false: a suspended device gives [`IoError::WouldBlock`] instead of waiting.
+    fn enter_or(&self, wait: bool) -> IoResult<Pass<'_>> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while s.suspended && !s.removed {
+            if !wait {
+                return Err(IoError::WouldBlock);
+            }
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         if s.removed {
@@ -107,13 +120,23 @@ pub type OpenHook = Box<dyn Fn(u32, bool) + Send + Sync>;
 struct Inner {
     devices: RwLock<HashMap<u32, Arc<DeviceIo>>>,
     /// Open files of underlying devices, by device number.
-    files: RwLock<HashMap<DevNum, Arc<File>>>,
+    files: RwLock<HashMap<DevNum, Arc<Backing>>>,
     on_open: OpenHook,
 }
 
 #[derive(Clone)]
 pub struct DataPlane {
     inner: Arc<Inner>,
+}
+
+/// An active device as [`DataPlane::active_devices`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActiveDevice {
+    pub minor: u32,
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    pub read_only: bool,
 }
 
 /// One kind of IO, by what it does to the bytes.
@@ -235,7 +258,26 @@ impl DataPlane {
         v
     }
 
-    fn file(&self, p: &Pdev) -> IoResult<Arc<File>> {
+    /// Active devices with their minors and flags, without opening them (the FUSE front end
+    /// names its files by minor and must not count as an opener while merely listing).
+    pub fn active_devices(&self) -> Vec<ActiveDevice> {
+        let mut v: Vec<ActiveDevice> = self
+            .inner
+            .devices
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|d| {
+                let s = d.state.lock().unwrap_or_else(|p| p.into_inner());
+                let t = s.table.as_ref().filter(|_| !s.removed)?;
+                Some(ActiveDevice { minor: d.minor, name: s.name.clone(), size: t.size().bytes(), read_only: s.read_only })
+            })
+            .collect();
+        v.sort_by_key(|d| d.minor);
+        v
+    }
+
+    fn file(&self, p: &Pdev) -> IoResult<Arc<Backing>> {
         if let Some(f) = self.inner.files.read().unwrap_or_else(|p| p.into_inner()).get(&p.dev) {
             return Ok(f.clone());
         }
@@ -247,14 +289,15 @@ impl DataPlane {
             Ok(f) => f,
             Err(_) => File::open(path)?,
         };
-        let f = Arc::new(f);
+        let f = Arc::new(Backing::new(f));
         self.inner.files.write().unwrap_or_else(|p| p.into_inner()).insert(p.dev, f.clone());
         Ok(f)
     }
 
     /// Runs one request against a device: split at target boundaries, mapped by each target.
-    fn submit(&self, dev: &DeviceIo, op: Op, offset: u64, buf: IoBuf<'_>) -> IoResult {
-        let pass = dev.enter()?;
+    /// `nowait`: never wait for a suspended device, nor (reads) for data not in memory.
+    fn submit(&self, dev: &DeviceIo, op: Op, offset: u64, buf: IoBuf<'_>, nowait: bool) -> IoResult {
+        let pass = dev.enter_or(!nowait)?;
         let len = buf.len();
         let size = pass.table.size().bytes();
         if offset.checked_add(len).is_none_or(|end| end > size) {
@@ -278,7 +321,7 @@ impl DataPlane {
                 Mapping::Remap { dev: pdev, sector, max_len } => {
                     let n = want.min(max_len.bytes() - within % SECTOR);
                     let at = sector.bytes() + within % SECTOR;
-                    self.pdev_io(pdev, op, at, buf.slice(done, n))?;
+                    self.pdev_io(pdev, op, at, buf.slice(done, n), nowait)?;
                     n
                 }
                 Mapping::Zero => {
@@ -297,13 +340,16 @@ impl DataPlane {
         Ok(())
     }
 
-    fn pdev_io(&self, p: &Pdev, op: Op, at: u64, buf: IoBuf<'_>) -> IoResult {
+    fn pdev_io(&self, p: &Pdev, op: Op, at: u64, buf: IoBuf<'_>, nowait: bool) -> IoResult {
         if let PdevKind::Dm { minor } = p.kind {
             let lower = self.device(minor).ok_or(IoError::NoDevice)?;
-            return self.submit(&lower, op, at, buf);
+            // A write that got this far is in flight on the upper device: below, it waits like
+            // any bio would (only reads, which a retry cannot harm, give up).
+            return self.submit(&lower, op, at, buf, nowait && op == Op::Read);
         }
         let f = self.file(p)?;
         match (op, buf) {
+            (Op::Read, IoBuf::Read(b)) if nowait => read_nowait(&f, b, at),
             (Op::Read, IoBuf::Read(b)) => read_full(&f, b, at),
             (Op::Write { .. }, IoBuf::Write(b)) => Ok(f.write_all_at(b, at)?),
             (Op::Discard, IoBuf::Len(n)) => punch(&f, at, n, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, false),
@@ -327,6 +373,61 @@ impl DataPlane {
         }
         Ok(())
     }
+}
+
+/// An open underlying file, and whether it lives in memory (tmpfs, ramfs: reads never wait
+/// for a disk, though such filesystems do not support `RWF_NOWAIT`).
+struct Backing {
+    file: File,
+    memory: bool,
+}
+
+impl Backing {
+    fn new(file: File) -> Self {
+        // SAFETY: a valid fd and an out-buffer of the right type.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        const RAMFS_MAGIC: i64 = 0x8584_58f6;
+        let memory = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0
+            && matches!(st.f_type as i64, x if x == libc::TMPFS_MAGIC as i64 || x == RAMFS_MAGIC);
+        Backing { file, memory }
+    }
+}
+
+impl std::ops::Deref for Backing {
+    type Target = File;
+    fn deref(&self) -> &File {
+        &self.file
+    }
+}
+
+/// [`read_full`] that gives [`IoError::WouldBlock`] instead of waiting for a disk
+/// (`RWF_NOWAIT`: served from the page cache or not at all).
+fn read_nowait(f: &Backing, mut b: &mut [u8], mut at: u64) -> IoResult {
+    if f.memory {
+        return read_full(f, b, at);
+    }
+    while !b.is_empty() {
+        let iov = libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() };
+        // SAFETY: one iovec over a live, exclusively borrowed buffer.
+        let n = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, at as libc::off_t, libc::RWF_NOWAIT) };
+        match n {
+            0 => {
+                b.fill(0);
+                return Ok(());
+            }
+            n if n > 0 => {
+                b = &mut b[n as usize..];
+                at += n as u64;
+            }
+            _ => match std::io::Error::last_os_error() {
+                e if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // EAGAIN: not cached; EOPNOTSUPP: the filesystem cannot tell.
+                e if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP)) => return Err(IoError::WouldBlock),
+                e => return Err(e.into()),
+            },
+        }
+    }
+    Ok(())
 }
 
 /// Reads exactly `b.len()` bytes at `at`; past the end of a file reads zeroes (a file shorter
@@ -429,16 +530,26 @@ impl IoHandle {
         self.dev.state.lock().unwrap_or_else(|p| p.into_inner()).read_only
     }
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> IoResult {
-        self.plane.submit(&self.dev, Op::Read, offset, IoBuf::Read(buf))
+        self.plane.submit(&self.dev, Op::Read, offset, IoBuf::Read(buf), false)
     }
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> IoResult {
-        self.plane.submit(&self.dev, Op::Write { fua }, offset, IoBuf::Write(data))
+        self.plane.submit(&self.dev, Op::Write { fua }, offset, IoBuf::Write(data), false)
     }
     pub fn discard(&self, offset: u64, len: u64) -> IoResult {
-        self.plane.submit(&self.dev, Op::Discard, offset, IoBuf::Len(len))
+        self.plane.submit(&self.dev, Op::Discard, offset, IoBuf::Len(len), false)
     }
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> IoResult {
-        self.plane.submit(&self.dev, Op::WriteZeroes { fua }, offset, IoBuf::Len(len))
+        self.plane.submit(&self.dev, Op::WriteZeroes { fua }, offset, IoBuf::Len(len), false)
+    }
+    /// [`Self::read`] that never waits: [`IoError::WouldBlock`] if the device is suspended or
+    /// the data is not in memory (a front end then hands the request to a thread that may wait).
+    pub fn read_nowait(&self, offset: u64, buf: &mut [u8]) -> IoResult {
+        self.plane.submit(&self.dev, Op::Read, offset, IoBuf::Read(buf), true)
+    }
+    /// [`Self::write`] (without FUA) that gives [`IoError::WouldBlock`] instead of waiting for a
+    /// suspended device; the write itself goes to the page cache as usual.
+    pub fn write_nowait(&self, offset: u64, data: &[u8]) -> IoResult {
+        self.plane.submit(&self.dev, Op::Write { fua: false }, offset, IoBuf::Write(data), true)
     }
     pub fn flush(&self) -> IoResult {
         let pass = self.dev.enter()?;

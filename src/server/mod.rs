@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::dm::{Command, DmError, Engine, EngineConfig, Request};
+use crate::dm::{Command, DevKey, DevNum, DmError, Engine, EngineConfig, Reply, Request};
 use crate::io::DataPlane;
 use crate::ioctl::linux;
 use frame::{Kind, HEADER_LEN};
@@ -328,26 +328,41 @@ impl Daemon {
         self.drain_before(&decoded.request.command);
         let mut st = self.lock();
         let before = st.engine.global_event();
-        if let Command::DevWait { key, event_nr, .. } = &decoded.request.command {
-            loop {
-                match st.engine.event_nr(key) {
-                    Ok(n) if n != *event_nr => break,
-                    Ok(_) => {}
-                    Err(_) => break, // the engine reports the missing device below
-                }
-                st = self.events.wait_timeout(st, WAIT_SLICE).unwrap_or_else(|p| p.into_inner()).0;
-                if readable(stream) {
-                    drop(st);
-                    let mut raw = [0u8; HEADER_LEN];
-                    if stream.read_exact(&mut raw).is_err() {
-                        tracing::warn!("client closed its connection while its DM_DEV_WAIT was pending");
-                        return Ok(None);
+        // The kernel looks a waiter's device up once and sleeps on it: a rename or a removal wakes
+        // it with that device's status (linux-dm-abi.md §2.4, §2.9), whatever its name is now.
+        let mut woken_by_removal = None;
+        let qi = decoded.request.query_inactive;
+        if let Command::DevWait { key, event_nr, .. } = &mut decoded.request.command {
+            if let Some(minor) = st.engine.lookup(key) {
+                *key = DevKey::Dev(DevNum::new(st.engine.config().major, minor));
+                let mut last = st.engine.dev_info(minor, qi);
+                loop {
+                    match (st.engine.device(minor), last.take()) {
+                        (None, Some(mut info)) => {
+                            // Removal fired a table event on the live table before the device went.
+                            if info.active_present {
+                                info.event_nr = info.event_nr.wrapping_add(1);
+                            }
+                            woken_by_removal = Some(Reply::Status(info, None));
+                            break;
+                        }
+                        (Some(d), _) if d.event_nr != *event_nr => break,
+                        _ => last = st.engine.dev_info(minor, qi),
                     }
-                    let (kind, _) = frame::parse_request_header(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    if kind != Kind::Cancel {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, "request sent while DM_DEV_WAIT was pending"));
+                    st = self.events.wait_timeout(st, WAIT_SLICE).unwrap_or_else(|p| p.into_inner()).0;
+                    if readable(stream) {
+                        drop(st);
+                        let mut raw = [0u8; HEADER_LEN];
+                        if stream.read_exact(&mut raw).is_err() {
+                            tracing::warn!("client closed its connection while its DM_DEV_WAIT was pending");
+                            return Ok(None);
+                        }
+                        let (kind, _) = frame::parse_request_header(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                        if kind != Kind::Cancel {
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, "request sent while DM_DEV_WAIT was pending"));
+                        }
+                        return Ok(Some(decoded.encode_error(&DmError::Interrupted)));
                     }
-                    return Ok(Some(decoded.encode_error(&DmError::Interrupted)));
                 }
             }
         }
@@ -362,7 +377,10 @@ impl Daemon {
         // header and input bytes.
         let req = std::mem::replace(&mut decoded.request, Request::new(Command::Version));
         let big_load = matches!(&req.command, Command::TableLoad { targets, .. } if targets.len() >= BIG_LOAD);
-        let result = st.engine.execute(req);
+        let result = match woken_by_removal {
+            Some(reply) => Ok(reply),
+            None => st.engine.execute(req),
+        };
         if mutates {
             st.sync(&self.io);
         }

@@ -61,7 +61,9 @@ impl Sysfs {
 
     fn try_sync(&mut self, engine: &Engine) -> io::Result<()> {
         let mut now: HashMap<u32, DevState> = HashMap::new();
-        for d in engine.devices() {
+        // The kernel registers a device's gendisk at its first successful table load, so a device
+        // that never had one has no sysfs entry yet (linux-dm-abi.md §2.4, DM_DEV_CREATE).
+        for d in engine.devices().filter(|d| d.queue_initialized) {
             let slaves = d
                 .live
                 .as_ref()

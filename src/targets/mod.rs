@@ -4,6 +4,7 @@
 pub mod error;
 pub mod linear;
 pub mod striped;
+pub mod switch;
 pub mod zero;
 
 use crate::dm::target::TargetRegistry;
@@ -16,5 +17,6 @@ pub fn registry() -> TargetRegistry {
     r.register(&linear::TYPE);
     r.register(&striped::TYPE);
     r.register(&zero::TYPE);
+    r.register(&switch::TYPE);
     r
 }

@@ -73,6 +73,53 @@ impl Daemon {
         d
     }
 
+    /// A daemon started with extra `dmemu serve` arguments (e.g. `--netbsd-errors=compat`).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!("dmemu-test-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("control.sock");
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--run-dir")
+            .arg(&dir)
+            .args(extra)
+            .env("DMEMU_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dmemu serve");
+        let d = Daemon { dir, socket, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&d.socket).is_err() {
+            assert!(Instant::now() < deadline, "daemon did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    /// Runs `dmemu nbsd ARGS` (NetBSD's dmctl over the proplib ioctl) against this daemon, with
+    /// `input` on stdin.
+    pub fn nbsd(&self, args: &[&str], input: Option<&str>) -> Out {
+        let mut c = Command::new(bin());
+        c.arg("nbsd").arg("--socket").arg(&self.socket).args(args);
+        c.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn dmemu nbsd");
+        if let Some(i) = input {
+            child.stdin.take().unwrap().write_all(i.as_bytes()).unwrap();
+        }
+        let o = child.wait_with_output().unwrap();
+        Out {
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            code: o.status.code().unwrap_or(-1),
+        }
+    }
+
     /// Runs `dmsetup ARGS` under `dmemu exec`.
     pub fn dmsetup(&self, args: &[&str]) -> Out {
         self.exec(DMSETUP, args, None)
@@ -128,6 +175,20 @@ impl Daemon {
         body.lines().find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_owned)).unwrap()
     }
 
+    /// The whole HELLO reply text.
+    pub fn hello_text(&self) -> String {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&0x5545_4d44u32.to_le_bytes());
+        h[4..6].copy_from_slice(&3u16.to_le_bytes());
+        s.write_all(&h).unwrap();
+        s.read_exact(&mut h).unwrap();
+        let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+        String::from_utf8(body).unwrap()
+    }
+
     pub fn major(&self) -> u32 {
         self.hello("major").parse().unwrap()
     }
@@ -138,6 +199,11 @@ impl Daemon {
 
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.join(rel)
+    }
+
+    /// The daemon's process id (e.g. to look at its threads under /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
@@ -155,4 +221,32 @@ impl Drop for Daemon {
 
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
+}
+
+/// NBD: the daemon's default export socket and plain (non-shim) client programs.
+impl Daemon {
+    /// `<run dir>/nbd.sock`, where `dmemu serve` exports devices when `--nbd` is not given.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.dir.join("nbd.sock")
+    }
+
+    /// The NBD URI of a device's export on the default socket.
+    pub fn nbd_uri(&self, name: &str) -> String {
+        format!("nbd+unix:///{name}?socket={}", self.nbd_socket().display())
+    }
+
+    /// `major:minor` of a device, as a table line names it.
+    pub fn dev_num(&self, name: &str) -> String {
+        self.dmsetup(&["info", "-c", "--noheadings", "-o", "major,minor", name]).ok().trim().replace(' ', "")
+    }
+
+    /// Runs a program as is (no shim), e.g. an NBD client.
+    pub fn run(&self, prog: &str, args: &[&str]) -> Out {
+        let o = Command::new(prog).args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{prog}: {e}"));
+        Out {
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            code: o.status.code().unwrap_or(-1),
+        }
+    }
 }

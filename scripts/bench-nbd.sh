@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Data-plane benchmark: fio's nbd engine against dmemu's NBD export of a linear device over a
+# 1 GiB file in /dev/shm, and against qemu-nbd, nbdkit file and nbdkit null serving the same file,
+# all in one run; then the cost of stacking linear devices (1, 2, 3 layers). Results go to stdout
+# as markdown (docs/PERFORMANCE.md, "Data plane").
+#
+#   cargo build --release --workspace && scripts/bench-nbd.sh
+#
+# Environment: RUNTIME (seconds per fio run, default 10), REPS (runs per cell, median, default 1),
+# ROWS (subset of row names, e.g. "randread-qd32 read-qd1"), LAYERS=0 to skip the stacking table,
+# VARIANTS (extra dmemu servers by DMEMU_NBD_WORKERS value, e.g. "0 2 16": the IO-mechanism
+# comparison), KEEP=1 to keep the work directory.
+# Needs: fio nbdkit qemu-utils (apt-get install -y fio nbdkit qemu-utils), python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DMEMU=${DMEMU:-$ROOT/target/release/dmemu}
+RUNTIME=${RUNTIME:-10}
+REPS=${REPS:-1}
+LAYERS=${LAYERS:-1}
+VARIANTS=${VARIANTS:-}
+ALL_ROWS="read-qd1 read-qd32 write-qd1 write-qd32 randread-qd1 randread-qd32 randwrite-qd1 randwrite-qd32"
+ROWS=${ROWS:-$ALL_ROWS}
+
+for t in fio nbdkit qemu-nbd python3; do
+  command -v $t >/dev/null || { echo "missing $t (apt-get install -y fio nbdkit qemu-utils)" >&2; exit 1; }
+done
+[ -x "$DMEMU" ] || { echo "build first: cargo build --release --workspace" >&2; exit 1; }
+
+W=$(mktemp -d /dev/shm/dmemu-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for f in "$W"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  [ "${KEEP:-0}" = 1 ] || rm -rf "$W"
+}
+trap cleanup EXIT
+
+F=$W/disk.img
+# A fully written file (no holes), as a real image would be.
+dd if=/dev/zero of="$F" bs=1M count=1024 status=none
+
+wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
+
+# dmemu daemons: the default one (a), and one per variant.
+start_dmemu() { # tag workers
+  local d=$W/dmemu-$1
+  mkdir -p "$d"
+  DMEMU_NBD_WORKERS=$2 "$DMEMU" serve --socket "$d/control.sock" --run-dir "$d" --nbd "unix:$d/nbd.sock" --log warn &
+  PIDS+=($!)
+  wait_sock "$d/nbd.sock"
+  wait_sock "$d/control.sock"
+  local dm="$DMEMU exec --socket $d/control.sock -- dmsetup"
+  $dm create lin1 --table "0 2097152 linear $F 0"
+  if [ "$1" = main ] && [ "$LAYERS" = 1 ]; then
+    $dm create lin2 --table "0 2097152 linear $($dm info -c --noheadings -o major,minor lin1 | tr -d ' ') 0"
+    $dm create lin3 --table "0 2097152 linear $($dm info -c --noheadings -o major,minor lin2 | tr -d ' ') 0"
+  fi
+}
+start_dmemu main "${DMEMU_NBD_WORKERS:-8}"
+for v in $VARIANTS; do start_dmemu "w$v" "$v"; done
+
+qemu-nbd -f raw -t -x disk --shared=8 --socket="$W/qemu.sock" --fork --pid-file="$W/qemu.pid" "$F"
+nbdkit -U "$W/kfile.sock" -P "$W/kfile.pid" file file="$F"
+nbdkit -U "$W/knull.sock" -P "$W/knull.pid" null 1G
+wait_sock "$W/qemu.sock"; wait_sock "$W/kfile.sock"; wait_sock "$W/knull.sock"
+
+declare -A URI
+URI[dmemu]="nbd+unix:///lin1?socket=$W/dmemu-main/nbd.sock"
+URI[qemu-nbd]="nbd+unix:///disk?socket=$W/qemu.sock"
+URI[nbdkit-file]="nbd+unix:///?socket=$W/kfile.sock"
+URI[nbdkit-null]="nbd+unix:///?socket=$W/knull.sock"
+URI[layer2]="nbd+unix:///lin2?socket=$W/dmemu-main/nbd.sock"
+URI[layer3]="nbd+unix:///lin3?socket=$W/dmemu-main/nbd.sock"
+SERVERS="dmemu qemu-nbd nbdkit-file nbdkit-null"
+for v in $VARIANTS; do URI[workers=$v]="nbd+unix:///lin1?socket=$W/dmemu-w$v/nbd.sock"; SERVERS="$SERVERS workers=$v"; done
+[ "$LAYERS" = 1 ] && SERVERS="$SERVERS layer2 layer3"
+
+# One fio run: prints MiB/s (sequential rows) or IOPS (random rows).
+fio_one() { # uri row
+  local rw=${2%-qd*} qd=${2#*-qd} bs=1M
+  case $rw in rand*) bs=4k ;; esac
+  fio --name=j --ioengine=nbd --uri="$1" --runtime="$RUNTIME" --time_based --rw="$rw" --bs=$bs \
+      --iodepth="$qd" --output-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+t = sys.stdin.read(); j = json.loads(t[t.index("{"):])["jobs"][0]
+rw = "read" if j["read"]["io_bytes"] else "write"
+print(j[rw]["iops"] if sys.argv[1].startswith("rand") else j[rw]["bw_bytes"] / 2**20)' "$rw"
+}
+median() { python3 -c 'import statistics,sys; print(statistics.median(map(float, sys.argv[1:])))' "$@"; }
+
+declare -A R
+for row in $ROWS; do
+  for s in $SERVERS; do R[$row,$s]=""; done
+  for _ in $(seq "$REPS"); do
+    # Servers interleaved within a row, so drift hits them alike.
+    for s in $SERVERS; do R[$row,$s]="${R[$row,$s]} $(fio_one "${URI[$s]}" "$row")"; done
+  done
+  for s in $SERVERS; do R[$row,$s]=$(median ${R[$row,$s]}); done
+  echo "done $row" >&2
+done
+
+python3 - "$ROWS" "$SERVERS" "$(for k in "${!R[@]}"; do echo "$k=${R[$k]}"; done)" <<'EOF'
+import sys
+rows, servers, kv = sys.argv[1].split(), sys.argv[2].split(), sys.argv[3]
+R = {}
+for line in kv.splitlines():
+    k, v = line.rsplit("=", 1)
+    R[tuple(k.split(",", 1))] = float(v)
+names = {"read": "1 MiB seq read", "write": "1 MiB seq write", "randread": "4 KiB randread", "randwrite": "4 KiB randwrite"}
+def label(r):
+    rw, qd = r.rsplit("-qd", 1)
+    return f"{names[rw]}, qd{qd}"
+def fmt(r, v):
+    return f"{v/1000:.1f}k IOPS" if r.startswith("rand") else f"{v:.0f} MiB/s"
+peers = ["dmemu", "qemu-nbd", "nbdkit-file", "nbdkit-null"]
+var = [s for s in servers if s.startswith("workers=")]
+print("| figure | dmemu | qemu-nbd | nbdkit file | nbdkit null | dmemu / best of qemu-nbd, nbdkit file |" + "".join(f" dmemu {v} |" for v in var))
+print("|---|---|---|---|---|---|" + "---|" * len(var))
+for r in rows:
+    best = max(R[(r, "qemu-nbd")], R[(r, "nbdkit-file")])
+    cells = " | ".join(fmt(r, R[(r, s)]) for s in peers)
+    extra = "".join(f" {fmt(r, R[(r, v)])} ({R[(r, v)] / R[(r, 'dmemu')]:.2f}) |" for v in var)
+    print(f"| {label(r)} | {cells} | **{R[(r, 'dmemu')] / best:.2f}** |{extra}")
+if "layer2" in servers:
+    print()
+    print("| figure | 1 layer | 2 layers | 3 layers | cost of layer 2 | cost of layer 3 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        a, b, c = R[(r, "dmemu")], R[(r, "layer2")], R[(r, "layer3")]
+        print(f"| {label(r)} | {fmt(r, a)} | {fmt(r, b)} | {fmt(r, c)} | {(1 - b / a) * 100:+.1f} % | {(1 - c / b) * 100:+.1f} % |")
+EOF

@@ -1,0 +1,497 @@
+//! The transmission phase of one connection (proto.md "Transmission").
+//!
+//! The connection's thread reads requests and runs those that cannot wait right there: reads
+//! served from memory (`IoHandle::read_nowait`: page cache, tmpfs) and writes without FUA to a
+//! device that is not suspended. A thread hand-off costs more than such a request itself
+//! (docs/PERFORMANCE.md, "Data plane"). Everything that may wait — a read from disk, FLUSH, FUA,
+//! TRIM, WRITE_ZEROES, any IO on a suspended device — goes to this connection's worker threads
+//! (started on demand, up to [`super::Tuning::workers`]), so many requests are in flight at once
+//! and a slow one does not hold up the rest. Replies are serialized by a writer lock that also
+//! combines: whoever holds it writes every reply queued meanwhile with one `writev`, and the
+//! reader holds its own replies back while further requests are already buffered.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use super::proto::*;
+use super::Export;
+use crate::io::{IoError, IoResult};
+
+/// Requests admitted but not yet answered, per connection; the reader stops reading beyond
+/// these (a client that never reads its replies cannot make us buffer without bound).
+const MAX_INFLIGHT: usize = 256;
+const MAX_INFLIGHT_BYTES: u64 = 256 << 20;
+/// Replies the reader may hold back to write together while more requests are already buffered.
+const CORK_BYTES: usize = 256 << 10;
+/// Pooled buffers kept per connection, and the largest one worth keeping.
+const POOL_KEEP: usize = 64;
+const POOL_MAX_BUF: usize = 4 << 20;
+/// `writev` takes at most this many pieces (Linux's IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One reply: a header and an optional body (read data, or an error chunk's payload).
+struct Reply {
+    head: [u8; 28],
+    head_len: usize,
+    body: Vec<u8>,
+    body_len: usize,
+}
+
+impl Reply {
+    fn len(&self) -> usize {
+        self.head_len + self.body_len
+    }
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    closed: bool,
+    workers: usize,
+    idle: usize,
+    inflight: usize,
+    inflight_bytes: u64,
+}
+
+struct Job {
+    req: Request,
+    data: Vec<u8>,
+}
+
+struct Out {
+    pending: Vec<Reply>,
+    pending_bytes: usize,
+    writing: bool,
+    broken: bool,
+}
+
+struct Conn<'a> {
+    sock: &'a File,
+    export: &'a Export,
+    max_workers: usize,
+    queue: Mutex<Queue>,
+    /// Workers wait here for jobs.
+    work: Condvar,
+    /// The reader waits here for room under the in-flight limits.
+    room: Condvar,
+    out: Mutex<Out>,
+    pool: Mutex<Vec<Vec<u8>>>,
+}
+
+fn io_cost(req: &Request) -> u64 {
+    match req.typ {
+        CMD_READ | CMD_WRITE => req.len as u64,
+        _ => 0,
+    }
+}
+
+impl Conn<'_> {
+    fn buffer(&self, n: usize) -> Vec<u8> {
+        let mut b = lock(&self.pool).pop().unwrap_or_default();
+        if b.len() < n {
+            // Grows (and zeroes) only the first time a pooled buffer is used at this size.
+            b.resize(n, 0);
+        }
+        b
+    }
+
+    fn recycle(&self, b: Vec<u8>) {
+        if b.capacity() >= 4096 && b.capacity() <= POOL_MAX_BUF {
+            let mut p = lock(&self.pool);
+            if p.len() < POOL_KEEP {
+                p.push(b);
+            }
+        }
+    }
+
+    /// Checks what the protocol lets us check before running a request: the command, its flags,
+    /// the payload limit and the range of the export as negotiated.
+    fn check(&self, req: &Request) -> Result<(), (u32, &'static str)> {
+        let e = self.export;
+        let allowed = match req.typ {
+            CMD_READ if e.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
+            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+            _ => return Err((EINVAL, "unsupported command")),
+        };
+        if req.flags & !allowed != 0 {
+            return Err((EINVAL, "command flag not valid for this command"));
+        }
+        if req.typ == CMD_FLUSH {
+            return Ok(());
+        }
+        let writes = matches!(req.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        if writes && e.flags & TF_READ_ONLY != 0 {
+            return Err((EPERM, "export is read-only"));
+        }
+        if req.typ == CMD_READ && req.len > MAX_PAYLOAD {
+            return Err((EINVAL, "read longer than the maximum payload (32 MiB)"));
+        }
+        if req.offset.checked_add(req.len as u64).is_none_or(|end| end > e.size) {
+            // proto.md "Error values": ENOSPC for writes past the end, EINVAL for the rest.
+            return Err(match req.typ {
+                CMD_WRITE | CMD_WRITE_ZEROES => (ENOSPC, "request beyond the end of the export"),
+                _ => (EINVAL, "request beyond the end of the export"),
+            });
+        }
+        Ok(())
+    }
+
+    fn error_reply(&self, req: &Request, err: u32, msg: &str) -> Reply {
+        let mut r = Reply { head: [0; 28], head_len: 0, body: Vec::new(), body_len: 0 };
+        if self.export.structured {
+            // proto.md: with structured replies a READ never gets a simple reply, and errors
+            // preferably travel as error chunks, which carry a message.
+            let msg = &msg.as_bytes()[..msg.len().min(4096)];
+            r.head[..20].copy_from_slice(&chunk_header(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u32));
+            r.head_len = 20;
+            r.body.extend_from_slice(&err.to_be_bytes());
+            r.body.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+            r.body.extend_from_slice(msg);
+            r.body_len = r.body.len();
+        } else {
+            r.head[..16].copy_from_slice(&simple_reply(req.cookie, err));
+            r.head_len = 16;
+        }
+        r
+    }
+
+    fn ok_reply(&self, req: &Request) -> Reply {
+        let mut r = Reply { head: [0; 28], head_len: 16, body: Vec::new(), body_len: 0 };
+        if self.export.structured && req.typ == CMD_READ {
+            // A zero-length read has no data chunk to send (OFFSET_DATA needs a byte at least).
+            r.head[..20].copy_from_slice(&chunk_header(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0));
+            r.head_len = 20;
+        } else {
+            r.head[..16].copy_from_slice(&simple_reply(req.cookie, 0));
+        }
+        r
+    }
+
+    /// Runs a checked request against the device.
+    fn run(&self, req: Request, data: Vec<u8>) -> Reply {
+        let h = &self.export.handle;
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let len = req.len as usize;
+        let res = match req.typ {
+            CMD_READ if len > 0 => {
+                // A read the reader could not finish without waiting brings its buffer along.
+                let mut buf = if data.len() >= len {
+                    data
+                } else {
+                    self.recycle(data);
+                    self.buffer(len)
+                };
+                let res = h.read(req.offset, &mut buf[..len]);
+                return self.read_reply(&req, buf, res);
+            }
+            CMD_READ => Ok(()),
+            CMD_WRITE => {
+                let r = h.write(req.offset, &data[..len], fua);
+                self.recycle(data);
+                r
+            }
+            CMD_FLUSH => h.flush(),
+            CMD_TRIM => h.discard(req.offset, req.len as u64).and_then(|()| if fua { h.flush() } else { Ok(()) }),
+            // NO_HOLE is satisfied as is: the data plane's write-zeroes allocates (ZERO_RANGE).
+            CMD_WRITE_ZEROES => h.write_zeroes(req.offset, req.len as u64, fua),
+            _ => unreachable!("checked"),
+        };
+        match res {
+            Ok(()) => self.ok_reply(&req),
+            Err(e) => self.error_reply(&req, nbd_errno(e.errno()), &e.to_string()),
+        }
+    }
+
+    fn read_reply(&self, req: &Request, buf: Vec<u8>, res: IoResult) -> Reply {
+        let len = req.len as usize;
+        match res {
+            Ok(()) => {
+                let mut r = Reply { head: [0; 28], head_len: 0, body: buf, body_len: len };
+                if self.export.structured {
+                    r.head[..20].copy_from_slice(&chunk_header(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + req.len));
+                    r.head[20..28].copy_from_slice(&req.offset.to_be_bytes());
+                    r.head_len = 28;
+                } else {
+                    r.head[..16].copy_from_slice(&simple_reply(req.cookie, 0));
+                    r.head_len = 16;
+                }
+                r
+            }
+            Err(e) => {
+                self.recycle(buf);
+                self.error_reply(req, nbd_errno(e.errno()), &e.to_string())
+            }
+        }
+    }
+
+    /// Runs a checked request on the reader's thread if it can finish without waiting: the reply,
+    /// or the request back (with any buffer it got) for a worker.
+    fn try_inline(&self, req: Request, data: Vec<u8>) -> Result<Reply, (Request, Vec<u8>)> {
+        let h = &self.export.handle;
+        let len = req.len as usize;
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        match req.typ {
+            CMD_READ if len > 0 => {
+                let mut buf = self.buffer(len);
+                match h.read_nowait(req.offset, &mut buf[..len]) {
+                    Err(IoError::WouldBlock) => Err((req, buf)),
+                    res => Ok(self.read_reply(&req, buf, res)),
+                }
+            }
+            CMD_WRITE if !fua => match h.write_nowait(req.offset, &data[..len]) {
+                Err(IoError::WouldBlock) => Err((req, data)),
+                res => {
+                    self.recycle(data);
+                    Ok(match res {
+                        Ok(()) => self.ok_reply(&req),
+                        Err(e) => self.error_reply(&req, nbd_errno(e.errno()), &e.to_string()),
+                    })
+                }
+            },
+            _ => Err((req, data)),
+        }
+    }
+
+    /// Queues a reply; writes it (and whatever else is queued) unless another thread is writing
+    /// or `flush` is false and little is queued.
+    fn send(&self, r: Reply, flush: bool) {
+        let mut o = lock(&self.out);
+        if o.broken {
+            drop(o);
+            self.recycle(r.body);
+            return;
+        }
+        o.pending_bytes += r.len();
+        o.pending.push(r);
+        if o.writing || (!flush && o.pending_bytes < CORK_BYTES) {
+            return;
+        }
+        self.write_out(o);
+    }
+
+    fn flush(&self) {
+        let o = lock(&self.out);
+        if !o.writing && !o.pending.is_empty() {
+            self.write_out(o);
+        }
+    }
+
+    /// Writes queued replies until none are left; the caller holds the writer role meanwhile.
+    fn write_out<'a>(&'a self, mut o: MutexGuard<'a, Out>) {
+        o.writing = true;
+        while !o.pending.is_empty() && !o.broken {
+            let batch = std::mem::take(&mut o.pending);
+            o.pending_bytes = 0;
+            drop(o);
+            let res = write_replies(self.sock, &batch);
+            for r in batch {
+                self.recycle(r.body);
+            }
+            o = lock(&self.out);
+            if let Err(e) = res {
+                tracing::debug!("nbd: writing replies: {e}");
+                o.broken = true;
+                // Stop the reader too: nobody will hear the replies.
+                // SAFETY: a valid socket fd.
+                unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+        }
+        for r in o.pending.drain(..) {
+            self.recycle(r.body);
+        }
+        o.pending_bytes = 0;
+        o.writing = false;
+    }
+
+    fn done(&self, req: &Request) {
+        let mut q = lock(&self.queue);
+        q.inflight -= 1;
+        q.inflight_bytes -= io_cost(req);
+        drop(q);
+        self.room.notify_one();
+    }
+
+    fn worker(&self) {
+        let mut q = lock(&self.queue);
+        loop {
+            if let Some(job) = q.jobs.pop_front() {
+                drop(q);
+                let req = job.req;
+                let reply = self.run(req, job.data);
+                self.send(reply, true);
+                self.done(&req);
+                q = lock(&self.queue);
+            } else if q.closed {
+                return;
+            } else {
+                q.idle += 1;
+                q = self.work.wait(q).unwrap_or_else(|p| p.into_inner());
+                q.idle -= 1;
+            }
+        }
+    }
+}
+
+/// Writes replies with as few `writev` calls as IOV_MAX allows.
+fn write_replies(sock: &File, batch: &[Reply]) -> io::Result<()> {
+    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity((batch.len() * 2).min(IOV_MAX));
+    let mut i = 0;
+    while i < batch.len() {
+        iov.clear();
+        while i < batch.len() && iov.len() + 2 <= IOV_MAX {
+            let r = &batch[i];
+            iov.push(IoSlice::new(&r.head[..r.head_len]));
+            if r.body_len > 0 {
+                iov.push(IoSlice::new(&r.body[..r.body_len]));
+            }
+            i += 1;
+        }
+        let mut bufs = &mut iov[..];
+        while !bufs.is_empty() {
+            match (&mut &*sock).write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a request header; `None` on a clean end of stream between requests.
+fn read_request(r: &mut BufReader<&File>) -> io::Result<Option<[u8; REQUEST_LEN]>> {
+    let mut h = [0u8; REQUEST_LEN];
+    let mut got = 0;
+    while got < REQUEST_LEN {
+        match r.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if got == 0 && e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(h))
+}
+
+/// Serves requests until the client disconnects (NBD_CMD_DISC, end of stream, or a protocol
+/// violation that ends the session).
+pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, max_workers: usize) {
+    let c = Conn {
+        sock,
+        export,
+        max_workers,
+        queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false, workers: 0, idle: 0, inflight: 0, inflight_bytes: 0 }),
+        work: Condvar::new(),
+        room: Condvar::new(),
+        out: Mutex::new(Out { pending: Vec::new(), pending_bytes: 0, writing: false, broken: false }),
+        pool: Mutex::new(Vec::new()),
+    };
+    let name = export.handle.name();
+    std::thread::scope(|s| {
+        if let Err(e) = reader(&c, &mut r, s) {
+            match e.kind() {
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+                    tracing::debug!("nbd {name}: client went away: {e}")
+                }
+                _ => tracing::info!("nbd {name}: ending the session: {e}"),
+            }
+        }
+        // In-flight requests still complete and are answered (proto.md "NBD_CMD_DISC": the
+        // server MUST handle all outstanding requests), then the workers leave.
+        let mut q = lock(&c.queue);
+        q.closed = true;
+        drop(q);
+        c.work.notify_all();
+    });
+    c.flush();
+}
+
+fn reader<'s, 'c: 's>(c: &'c Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Scope<'s, '_>) -> io::Result<()> {
+    loop {
+        if r.buffer().len() < REQUEST_LEN {
+            // About to wait for the client: let it have the replies first.
+            c.flush();
+        }
+        let Some(raw) = read_request(r)? else { return Ok(()) };
+        let Some(req) = Request::parse(&raw) else {
+            // Nothing after a bad magic can be trusted to be a request boundary.
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "bad request magic"));
+        };
+        if req.typ == CMD_DISC {
+            tracing::debug!("nbd: NBD_CMD_DISC");
+            return Ok(());
+        }
+        if req.typ == CMD_WRITE && req.len > MAX_PAYLOAD {
+            // proto.md "Size constraints": a payload deemed too large may end the session.
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("NBD_CMD_WRITE of {} bytes (limit 32 MiB)", req.len)));
+        }
+        // Wait for room before taking a payload in.
+        {
+            let mut q = lock(&c.queue);
+            while q.inflight >= MAX_INFLIGHT || (q.inflight > 0 && q.inflight_bytes + io_cost(&req) > MAX_INFLIGHT_BYTES) {
+                drop(q);
+                c.flush();
+                q = lock(&c.queue);
+                if q.inflight >= MAX_INFLIGHT || (q.inflight > 0 && q.inflight_bytes + io_cost(&req) > MAX_INFLIGHT_BYTES) {
+                    q = c.room.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+            q.inflight += 1;
+            q.inflight_bytes += io_cost(&req);
+        }
+        let mut data = Vec::new();
+        if req.typ == CMD_WRITE {
+            if r.buffer().len() < req.len as usize {
+                c.flush();
+            }
+            data = c.buffer(req.len as usize);
+            if let Err(e) = r.read_exact(&mut data[..req.len as usize]) {
+                c.done(&req);
+                return Err(e);
+            }
+        }
+        if let Err((err, msg)) = c.check(&req) {
+            tracing::debug!("nbd: refusing {req:?}: {} ({msg})", errno_name(err));
+            c.recycle(data);
+            let reply = c.error_reply(&req, err, msg);
+            c.send(reply, false);
+            c.done(&req);
+            continue;
+        }
+        if c.max_workers == 0 {
+            // The serial variant (for comparison): everything here, one at a time.
+            let reply = c.run(req, data);
+            c.send(reply, r.buffer().len() < REQUEST_LEN);
+            c.done(&req);
+            continue;
+        }
+        let (req, data) = match c.try_inline(req, data) {
+            Ok(reply) => {
+                c.send(reply, r.buffer().len() < REQUEST_LEN);
+                c.done(&req);
+                continue;
+            }
+            Err(back) => back,
+        };
+        let mut q = lock(&c.queue);
+        q.jobs.push_back(Job { req, data });
+        if q.idle > 0 {
+            drop(q);
+            c.work.notify_one();
+        } else if q.workers < c.max_workers {
+            q.workers += 1;
+            drop(q);
+            s.spawn(move || c.worker());
+        }
+    }
+}
