@@ -141,6 +141,7 @@ struct Socketed {
     genl_msgs: u64,
     genl_bytes: u64,
     messages: Vec<Duration>,
+    message_encode: Duration,
     message_count: u64,
     message_bytes: u64,
     linear: Option<(Duration, Duration, u64)>,
@@ -202,6 +203,7 @@ fn socketed(a: &BenchSwitchArgs, dir: &Path, entries: &[u32]) -> Result<Socketed
         genl_msgs: stats.messages,
         genl_bytes: stats.bytes,
         messages,
+        message_encode: mstats.encode,
         message_count: mstats.messages,
         message_bytes: mstats.bytes,
         linear,
@@ -286,23 +288,37 @@ fn next(x: &mut u64, len: u64) -> u64 {
 
 /// Random-offset lookups through one guard, in batches of `batch` (the kernel's RCU section per
 /// bio batch); returns lookups per second.
-fn lookups_batched(sw: &Switch, n: u64, len: u64, batch: u64, stop: Option<&AtomicBool>) -> (f64, u64) {
+/// Random-offset lookups through one guard per batch of `batch` (the kernel's RCU section per bio
+/// batch); returns lookups per second and each batch's duration in nanoseconds.
+fn lookups_batched(sw: &Switch, n: u64, len: u64, batch: u64) -> (f64, Vec<u32>) {
     let mut x = 0x1234_5678u64;
     let mut acc = 0usize;
     let mut done = 0u64;
+    let mut times = Vec::with_capacity((n / batch + 1) as usize);
     let t = Instant::now();
+    let mut last = t;
     while done < n {
         let l = sw.lookup();
         for _ in 0..batch {
             acc = acc.wrapping_add(l.path(next(&mut x, len)).0);
         }
+        drop(l);
         done += batch;
-        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
-            break;
-        }
+        let now = Instant::now();
+        times.push((now - last).as_nanos().min(u32::MAX as u128) as u32);
+        last = now;
     }
     std::hint::black_box(acc);
-    (done as f64 / t.elapsed().as_secs_f64(), done)
+    (done as f64 / t.elapsed().as_secs_f64(), times)
+}
+
+/// The `q` quantile of batch times, in microseconds.
+fn quantile_us(v: &mut [u32], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * q) as usize] as f64 / 1e3
 }
 
 /// Random-offset `Target::map` calls, one guard and one counter update each.
@@ -326,6 +342,10 @@ struct Windows {
     busy: f64,
     control: f64,
     busy_uploads: u64,
+    /// Durations of each batch of 1024 lookups, in nanoseconds.
+    quiet_times: Vec<u32>,
+    busy_times: Vec<u32>,
+    control_times: Vec<u32>,
     quiet_map: f64,
     busy_map: f64,
     control_map: f64,
@@ -352,7 +372,7 @@ fn in_process(a: &BenchSwitchArgs, entries: &[u32]) -> InProcess {
         ups.push(t.elapsed());
     }
     pin(0);
-    let (batched, _) = lookups_batched(&sw, a.lookups, len, 1024, None);
+    let (batched, _) = lookups_batched(&sw, a.lookups, len, 1024);
     let batched_seq = {
         let t = Instant::now();
         let l = sw.lookup();
@@ -375,7 +395,9 @@ fn in_process(a: &BenchSwitchArgs, entries: &[u32]) -> InProcess {
     let mut w = Windows::default();
     let rounds = 3;
     for _ in 0..rounds {
-        w.quiet += lookups_batched(&sw, window, len, 1024, None).0;
+        let (q, qt) = lookups_batched(&sw, window, len, 1024);
+        w.quiet += q;
+        w.quiet_times.extend(qt);
         w.quiet_map += maps(&sw, window / 4, len);
         for control in [false, true] {
             let stop = Arc::new(AtomicBool::new(false));
@@ -405,15 +427,17 @@ fn in_process(a: &BenchSwitchArgs, entries: &[u32]) -> InProcess {
                 std::hint::spin_loop();
             }
             let c0 = count.load(Ordering::Relaxed);
-            let b = lookups_batched(&sw, window, len, 1024, None).0;
+            let (b, bt) = lookups_batched(&sw, window, len, 1024);
             let m = maps(&sw, window / 4, len);
             let done = count.load(Ordering::Relaxed) - c0;
             stop.store(true, Ordering::Relaxed);
             writer.join().expect("writer");
             if control {
                 (w.control, w.control_map) = (w.control + b, w.control_map + m);
+                w.control_times.extend(bt);
             } else {
                 (w.busy, w.busy_map, w.busy_uploads) = (w.busy + b, w.busy_map + m, w.busy_uploads + done);
+                w.busy_times.extend(bt);
             }
         }
     }
@@ -462,12 +486,13 @@ pub fn run(a: BenchSwitchArgs) -> Result {
         ms(*s.genl.iter().min().expect("one run"))
     );
     println!(
-        "full upload by set_region_mappings: {} messages, {} bytes; median {:.2} ms of {} (min {:.2} ms)",
+        "full upload by set_region_mappings: {} messages, {} bytes; median {:.2} ms of {} (min {:.2} ms; building the text {:.2} ms of it)",
         s.message_count,
         s.message_bytes,
         ms(median(s.messages.clone())),
         s.messages.len(),
-        ms(*s.messages.iter().min().expect("one run"))
+        ms(*s.messages.iter().min().expect("one run")),
+        ms(s.message_encode)
     );
     if let Some((load, resume, rss)) = s.linear {
         println!(
@@ -484,7 +509,7 @@ pub fn run(a: BenchSwitchArgs) -> Result {
             (load + resume).as_secs_f64() / (s.switch_create + median(s.genl.clone())).as_secs_f64()
         );
     }
-    let p = in_process(&a, &entries);
+    let mut p = in_process(&a, &entries);
     println!("in-process upload (codec checks + apply, no socket): median {:.2} ms", ms(p.upload));
     println!(
         "lookups on CPU 0: random offsets {:.0} M/s (one guard per 1024); sequential regions {:.0} M/s (one guard); Target::map per call {:.0} M/s (guard + counter each)",
@@ -492,7 +517,7 @@ pub fn run(a: BenchSwitchArgs) -> Result {
         p.batched_seq / 1e6,
         p.per_call_map / 1e6
     );
-    let w = &p.w;
+    let w = &mut p.w;
     println!(
         "lookups during uploads (writer on CPU 1, {} full uploads in the busy windows): batched {:.0} M/s quiet, {:.0} M/s busy ({:.2}), {:.0} M/s beside a plain memcpy of the same volume ({:.2}); busy / control {:.2}",
         w.busy_uploads,
@@ -503,6 +528,16 @@ pub fn run(a: BenchSwitchArgs) -> Result {
         w.control / w.quiet,
         w.busy / w.control
     );
+    for (name, v) in [("quiet", &mut w.quiet_times), ("busy", &mut w.busy_times), ("control", &mut w.control_times)] {
+        println!(
+            "  batch of 1024 lookups, {name}: median {:.2} µs, p99 {:.2} µs, p99.9 {:.2} µs, max {:.0} µs ({} batches)",
+            quantile_us(v, 0.5),
+            quantile_us(v, 0.99),
+            quantile_us(v, 0.999),
+            quantile_us(v, 1.0),
+            v.len()
+        );
+    }
     println!(
         "  Target::map per call: {:.0} M/s quiet, {:.0} M/s busy ({:.2}), {:.0} M/s control ({:.2}); busy / control {:.2}",
         w.quiet_map / 1e6,

@@ -3,6 +3,7 @@
 //! 65,480 bytes; an upstream-form one gets `set_region_mappings` messages of at most 65,480 bytes.
 //! The functions here are also what the switch benchmarks and tests drive.
 
+use std::fmt::Write as _;
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -133,7 +134,7 @@ pub fn switch_info(c: &mut Client, dev: &str) -> Result<SwitchInfo> {
                 dev: devnum,
                 start: spec.sector_start,
                 len: spec.length,
-                rfc: w.len() % 2 == 0,
+                rfc: w.len().is_multiple_of(2),
                 paths: num(0)?,
                 region_size: num(1)?,
             });
@@ -168,7 +169,10 @@ pub fn genl(c: &mut Client, msg: &[u8]) -> Result<Vec<ReplyMsg>> {
 pub struct UploadStats {
     pub messages: u64,
     pub bytes: u64,
+    /// The whole upload, encoding included.
     pub elapsed: Duration,
+    /// Of which building the messages (messages only: the binary chunks are packed as they go).
+    pub encode: Duration,
 }
 
 /// The RFC upload: `entries` (one path index per region, each < 2^bits) in `IpcPgTable` chunks
@@ -232,6 +236,7 @@ pub fn mapping_messages(entries: &[u32], first: u64, max_len: usize) -> Vec<Stri
     let mut cur = String::from(KEYWORD);
     // Whether the current message has an argument (then the kernel's cursor is at i − 1).
     let mut started = false;
+    let mut arg = String::new();
     let mut i = 0usize;
     while i < entries.len() {
         // The longest periodic continuation of what is already in the table.
@@ -244,12 +249,16 @@ pub fn mapping_messages(entries: &[u32], first: u64, max_len: usize) -> Vec<Stri
                 }
             }
         }
-        let (arg, step) = if best.1 >= 4 {
-            (format!("R{:x},{:x}", best.0, best.1), best.1)
+        arg.clear();
+        let step = if best.1 >= 4 {
+            let _ = write!(arg, "R{:x},{:x}", best.0, best.1);
+            best.1
         } else if started {
-            (format!(":{:x}", entries[i]), 1)
+            let _ = write!(arg, ":{:x}", entries[i]);
+            1
         } else {
-            (format!("{:x}:{:x}", first + i as u64, entries[i]), 1)
+            let _ = write!(arg, "{:x}:{:x}", first + i as u64, entries[i]);
+            1
         };
         if started && cur.len() + 1 + arg.len() > max_len {
             out.push(std::mem::replace(&mut cur, String::from(KEYWORD)));
@@ -273,6 +282,7 @@ pub fn upload_messages(c: &mut Client, name: &str, start: u64, entries: &[u32], 
     let t = Instant::now();
     let mut stats = UploadStats::default();
     let msgs = mapping_messages(entries, 0, MAX_IPC_MSG_LEN);
+    stats.encode = t.elapsed();
     let n = msgs.len() as u64;
     for (i, m) in msgs.into_iter().enumerate() {
         let b = IoctlBuf::new(DmCmd::TargetMsg).name(name).message(start, &m);

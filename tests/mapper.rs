@@ -109,7 +109,11 @@ fn blockdev_and_stat_see_a_block_device() {
     let out = m.run("stat", &["-c", "%F %t:%T %a %s", "/dev/mapper/bd", &format!("/dev/dm-{minor}")]);
     let want = format!("block special file {major:x}:{minor:x} 660 0\n");
     assert_eq!(out.ok(), want.repeat(2));
-    // bash's `test -b` (stat through another entry point).
+    // libdm's own node (it mknods one in $DM_DEV_DIR/mapper as root) leads to the same device.
+    let own = format!("{}/dev/mapper/bd", m.d.dir.display());
+    assert_eq!(m.run("stat", &["-c", "%F %t:%T %a %s", &own]).ok(), want);
+    assert_eq!(m.run("blockdev", &["--getsize64", &own]).ok(), "2097152\n");
+    // sh's `test -b` (stat through another entry point).
     m.run("sh", &["-c", "test -b /dev/mapper/bd && test ! -e /dev/mapper/nonesuch"]).ok();
 
     // Read-ahead goes through the sysfs tree that dmsetup also reads.

@@ -655,18 +655,21 @@ fn bad_input_gets_protocol_errors_and_disturbs_nobody_else() {
     assert_eq!(c.read(0, (32 << 20) + 1), Err(EINVAL));
     assert!(read_at(&f, MIB - 256, 256).iter().all(|&x| x == 0), "refused write wrote nothing");
     c.write(0, &[3; 512]).unwrap();
+    drop(c);
     check(&mut by, &mut same, 20);
 
     // An oversized write ends that session (its payload is not worth reading).
     let mut c = open(&d, "victim");
     c.send(CMD_WRITE, 0, 0, (32 << 20) + 1, &[0; 4096]);
     assert!(c.closed_by_server());
+    drop(c);
     check(&mut by, &mut same, 30);
 
     // Wrong request magic ends that session.
     let mut c = open(&d, "victim");
     c.s.write_all(&[0x55; 28]).unwrap();
     assert!(c.closed_by_server());
+    drop(c);
     check(&mut by, &mut same, 40);
 
     // Abrupt disconnects: mid-header, mid-payload, with requests in flight.

@@ -136,3 +136,28 @@ fn c_program_speaks_only_the_netbsd_ioctl_through_the_shim() {
     );
     assert_eq!(d.dmsetup(&["ls"]).ok(), "No devices found\n");
 }
+
+#[test]
+fn unprivileged_peers_get_eperm_for_privileged_commands() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start();
+    d.nbsd(&["create", "mine"], None).ok();
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let o = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(common::bin())
+            .args(["nbsd", "--socket"])
+            .arg(&d.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    // kauth lets anyone list and query, and only the privileged change state (§2.1).
+    assert_eq!(as_nobody(&["ls"]), (Some(0), "Device name: mine, device minor: 0 \n".into(), String::new()));
+    let (code, _, err) = as_nobody(&["remove", "mine"]);
+    assert_eq!((code, err.as_str()), (Some(1), "dmemu: dmctl_dev_remove: libdm_task_run failed.: Operation not permitted\n"));
+    assert_eq!(d.nbsd(&["ls"], None).ok(), "Device name: mine, device minor: 0 \n");
+}

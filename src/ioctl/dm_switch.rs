@@ -433,7 +433,7 @@ pub fn getfamily_request(seq: u32, name: &str) -> Vec<u8> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReplyMsg {
     /// The `IpcResponse` to a GET_PAGE_TBL.
-    Response(IpcResponse),
+    Response(Box<IpcResponse>),
     /// `NLMSG_ERROR`: 0 is an ack, else a negative errno.
     Error(i32),
     /// `CTRL_CMD_NEWFAMILY`: the family id.
@@ -467,7 +467,7 @@ pub fn parse_reply(mut b: &[u8]) -> Result<Vec<ReplyMsg>, String> {
                 if p.len() < IPC_RESPONSE_LEN {
                     return Err(format!("short IpcResponse ({} bytes)", p.len()));
                 }
-                out.push(ReplyMsg::Response(read_padded(p)));
+                out.push(ReplyMsg::Response(Box::new(read_padded(p))));
             }
         }
         b = &b[align4(len).min(b.len())..];

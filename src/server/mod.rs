@@ -6,7 +6,7 @@ mod plist;
 pub mod resolver;
 pub mod sysfs;
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -230,8 +230,7 @@ impl Daemon {
                     let Some(enc) = self.ioctl(stream, conn, u64::from_le_bytes(*req), buf, privileged)? else {
                         return Ok(());
                     };
-                    self.send(conn, Kind::IoctlReply, &[&frame::ioctl_reply(enc.ret, enc.errno, &enc.bytes)])?;
-                    self.after_reply(conn)?;
+                    self.reply(conn, Kind::IoctlReply, &frame::ioctl_reply(enc.ret, enc.errno, &enc.bytes))?;
                 }
                 Kind::Plist => self.plist(conn, &payload, privileged)?,
                 Kind::Genl => {
@@ -252,17 +251,22 @@ impl Daemon {
         frame::write_frame(&mut *w, kind, parts)
     }
 
-    /// Re-raises the poll condition after a reply while it still holds (the client drains EVENT
-    /// frames before each request).
-    fn after_reply(&self, conn: &Conn) -> io::Result<()> {
+    /// Sends a reply, followed in the same write by an EVENT frame while the connection's poll
+    /// condition holds (the client drains EVENT frames before each request, so the condition is
+    /// re-raised after every reply; one write so a poll right after the reply already sees it).
+    fn reply(&self, conn: &Conn, kind: Kind, payload: &[u8]) -> io::Result<()> {
         let global = self.lock().engine.global_event();
+        let mut out = Vec::with_capacity(2 * HEADER_LEN + payload.len());
+        out.extend_from_slice(&frame::header(kind, payload.len()));
+        out.extend_from_slice(payload);
         let mut p = conn.poll.lock().unwrap_or_else(|p| p.into_inner());
         if p.armed && p.saved != global {
             p.sent = true;
-            drop(p);
-            self.send(conn, Kind::Event, &[])?;
+            out.extend_from_slice(&frame::header(Kind::Event, 0));
         }
-        Ok(())
+        drop(p);
+        let mut w = conn.writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.write_all(&out)
     }
 
     /// Tells every connection whose poll condition just became true. Never blocks: a client that

@@ -34,8 +34,7 @@ impl Daemon {
         if after != before {
             self.broadcast_events(after);
         }
-        self.send(conn, Kind::PlistReply, &[&frame::ioctl_reply(reply.ret, reply.errno, &reply.xml)])?;
-        self.after_reply(conn)
+        self.reply(conn, Kind::PlistReply, &frame::ioctl_reply(reply.ret, reply.errno, &reply.xml))
     }
 
     /// One request through the proplib codec and the engine.

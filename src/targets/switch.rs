@@ -175,7 +175,7 @@ impl PageTable {
         let mut j = 0u64;
         // Fast path: when the width divides 32 and the chunk starts on a 64-bit word, two wire words
         // are one table word.
-        if 32 % self.bits == 0 && start % self.per_word == 0 {
+        if 32 % self.bits == 0 && start.is_multiple_of(self.per_word) {
             let first = (start / self.per_word) as usize;
             let whole = (count / self.per_word) as usize;
             for (k, pair) in src.chunks_exact(2).take(whole).enumerate() {
@@ -395,9 +395,9 @@ impl Switch {
         let mut changed = false;
         let r = self.apply_mappings(&mut next.table, args, &mut changed);
         if changed {
-            self.publish(&mut spare, next, Some(cur));
-        } else {
-            *spare = Some(next);
+            // Messages come one at a time with no end in sight: keep no spare (the table's memory
+            // stays at one copy between messages).
+            self.publish(&mut spare, next, Some(cur), false);
         }
         r
     }
@@ -418,14 +418,15 @@ impl Switch {
         Snapshot { table, ..*cur }
     }
 
-    /// Makes `next` what lookups see. The snapshot it replaces becomes the spare when no lookup
-    /// holds it any more (arc-swap has turned every reader's claim into a reference count by the
-    /// time `swap` returns), so a stream of changes reuses two buffers instead of allocating,
-    /// faulting in and unmapping one per change — unmapping interrupts every CPU running lookups.
-    fn publish(&self, spare: &mut Option<Snapshot>, next: Snapshot, cur: Option<Arc<Snapshot>>) {
+    /// Makes `next` what lookups see. With `keep`, the snapshot it replaces becomes the spare when
+    /// no lookup holds it any more (arc-swap has turned every reader's claim into a reference count
+    /// by the time `swap` returns), so the chunks of an upload reuse two buffers instead of
+    /// allocating, faulting in and unmapping one each — unmapping interrupts every CPU running
+    /// lookups. Without `keep` it is freed, so an idle table costs one copy.
+    fn publish(&self, spare: &mut Option<Snapshot>, next: Snapshot, cur: Option<Arc<Snapshot>>, keep: bool) {
         let old = self.table.swap(Some(Arc::new(next)));
         drop(cur);
-        *spare = old.and_then(|o| Arc::try_unwrap(o).ok());
+        *spare = old.filter(|_| keep).and_then(|o| Arc::try_unwrap(o).ok());
     }
 
     fn apply_mappings(&self, t: &mut PageTable, args: &[String], changed: &mut bool) -> DmResult<()> {
@@ -548,7 +549,9 @@ impl Switch {
         next.num = offset + u.page_count as u64;
         next.limit = next.num.min(next.table.entries);
         next.userland = u.userland;
-        self.publish(&mut spare, next, cur);
+        // Keep a spare only while the upload has chunks to come.
+        let keep = next.num < next.total as u64;
+        self.publish(&mut spare, next, cur, keep);
         Ok(())
     }
 }
