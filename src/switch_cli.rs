@@ -3,7 +3,6 @@
 //! 65,480 bytes; an upstream-form one gets `set_region_mappings` messages of at most 65,480 bytes.
 //! The functions here are also what the switch benchmarks and tests drive.
 
-use std::fmt::Write as _;
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -243,7 +242,11 @@ pub fn mapping_messages(entries: &[u32], first: u64, max_len: usize) -> Vec<Stri
         let mut best = (0usize, 0usize);
         if started {
             for n in 1..=i.min(16) {
-                let m = entries[i..].iter().enumerate().take_while(|&(k, &v)| v == entries[i + k - n]).count();
+                // Only runs of at least 4 are worth an R; most candidates fail on the first entry.
+                if entries.len() - i < 4 || (0..4).any(|k| entries[i + k] != entries[i + k - n]) {
+                    continue;
+                }
+                let m = 4 + entries[i + 4..].iter().enumerate().take_while(|&(k, &v)| v == entries[i + 4 + k - n]).count();
                 if m > best.1 {
                     best = (n, m);
                 }
@@ -251,13 +254,19 @@ pub fn mapping_messages(entries: &[u32], first: u64, max_len: usize) -> Vec<Stri
         }
         arg.clear();
         let step = if best.1 >= 4 {
-            let _ = write!(arg, "R{:x},{:x}", best.0, best.1);
+            arg.push('R');
+            push_hex(&mut arg, best.0 as u64);
+            arg.push(',');
+            push_hex(&mut arg, best.1 as u64);
             best.1
         } else if started {
-            let _ = write!(arg, ":{:x}", entries[i]);
+            arg.push(':');
+            push_hex(&mut arg, entries[i] as u64);
             1
         } else {
-            let _ = write!(arg, "{:x}:{:x}", first + i as u64, entries[i]);
+            push_hex(&mut arg, first + i as u64);
+            arg.push(':');
+            push_hex(&mut arg, entries[i] as u64);
             1
         };
         if started && cur.len() + 1 + arg.len() > max_len {
@@ -274,6 +283,14 @@ pub fn mapping_messages(entries: &[u32], first: u64, max_len: usize) -> Vec<Stri
         out.push(cur);
     }
     out
+}
+
+/// Lowercase hex without a prefix (the message grammar's numbers).
+fn push_hex(s: &mut String, v: u64) {
+    let digits = (64 - v.leading_zeros()).div_ceil(4).max(1);
+    for k in (0..digits).rev() {
+        s.push(char::from_digit(((v >> (4 * k)) & 0xf) as u32, 16).expect("a hex digit"));
+    }
 }
 
 /// The upstream upload: `entries` through `set_region_mappings` messages to the switch target at

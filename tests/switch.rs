@@ -293,3 +293,28 @@ fn cli_uploads_upstream_form_by_messages() {
     let o = upload_cli(&d, &["up", "--page-size", "16", map.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("the device only 128 regions"), "{o:?}");
 }
+
+#[test]
+fn unprivileged_peers_may_not_upload() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start();
+    let (f, _) = three_paths(&d);
+    d.dmsetup(&["create", "rfc", "--table", &format!("0 2048 switch 3 64 {} 0 {} 0 {} 0", f[0], f[1], f[2])]).ok();
+    let map = d.path("map.txt");
+    std::fs::write(&map, "0 1 2 0").unwrap();
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&map, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin())
+        .args(["switch", "upload", "--socket"])
+        .arg(&d.socket)
+        .args(["rfc", "--page-size", "64"])
+        .arg(&map)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("upload refused: Operation not permitted"), "{o:?}");
+    assert!(d.dmsetup(&["status", "rfc"]).ok().ends_with(" 5 AAA 00000000 00000000 0 0\n"));
+}

@@ -29,10 +29,14 @@
 //! decode old entries with the new width. Per-word atomics cannot publish a new buffer without a
 //! reclamation scheme, and that is what arc-swap is: readers never block or retry, writers never
 //! wait for readers, the old snapshot is freed when its last reader lets go, and a lookup sees the
-//! table exactly as it was before or after a whole message or chunk. The cost is one copy of the
-//! table per change (512 KiB for 1,048,576 regions of 4 bits: ~50 µs) and, per lookup, arc-swap's
-//! guard; [`Switch::lookup`] holds one guard for any number of lookups (the kernel's RCU read
-//! section), which is what a batch of IO should use (docs/PERFORMANCE.md, "switch").
+//! table exactly as it was before or after a whole message or chunk. The costs: a second buffer
+//! while an upload is under way (the snapshot a chunk replaces becomes the next chunk's buffer once
+//! no reader holds it, brought up to date by copying only the words its successor changed; an
+//! upload's first chunk starts a fresh table, and a message copies the whole table: 512 KiB for
+//! 1,048,576 regions of 4 bits), and
+//! per lookup section arc-swap's guard; [`Switch::lookup`] holds one guard for any number of
+//! lookups (the kernel's RCU read section), which is what a batch of IO should use
+//! (docs/PERFORMANCE.md, "switch").
 //!
 //! ## The RFC upload (`get_page_tbl`), with the seed's evident mistakes corrected
 //! * a chunk's entries land at `page_offset…page_offset+page_count` whatever the alignment (the
@@ -437,6 +441,10 @@ impl Switch {
             let s = arg.as_bytes();
             let bad = || invalid!("switch: invalid set_region_mappings argument: '{arg}'");
             let mut i = 0usize;
+            // An empty word (a lone trailing backslash) is refused like the kernel's NUL.
+            if s.is_empty() {
+                return Err(bad());
+            }
             if s[0] & 0xdf == b'R' {
                 i += 1;
                 if s.get(i) == Some(&b',') {

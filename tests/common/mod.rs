@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod fuse;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -125,6 +125,7 @@ fn set_region_mappings_follows_the_kernel_grammar() {
         let e = msg(&sw, &format!("set_region_mappings {a}")).unwrap_err();
         assert_eq!(e, DmError::Invalid(format!("switch: {want}")), "{a}");
     }
+    assert!(sw.message(&["set_region_mappings".into(), String::new()]).is_err());
     // Overlong hex wraps silently (no overflow check): 1_0000000000000001 is region 1.
     msg(&sw, "set_region_mappings 10000000000000001:2").unwrap();
     assert_eq!(regions(&sw)[1], 2);
