@@ -161,3 +161,17 @@ fn unprivileged_peers_get_eperm_for_privileged_commands() {
     assert_eq!((code, err.as_str()), (Some(1), "dmemu: dmctl_dev_remove: libdm_task_run failed.: Operation not permitted\n"));
     assert_eq!(d.nbsd(&["ls"], None).ok(), "Device name: mine, device minor: 0 \n");
 }
+
+#[test]
+fn an_oversized_plist_gets_e2big_from_a_raw_client_and_the_daemon_goes_on() {
+    let d = Daemon::start();
+    let mut c = dmemu::client::Client::connect(&d.socket).unwrap();
+    let mut xml = vec![b' '; 200 * 1024];
+    xml.push(0);
+    let r = c.plist(&xml).unwrap();
+    assert_eq!((r.ret, r.errno), (-1, libc::E2BIG));
+    // The same connection is still in step and serves the next request.
+    let ok = c.run(&dmemu::client::IoctlBuf::new(dmemu::ioctl::DmCmd::Version)).unwrap();
+    assert_eq!(ok.ret, 0);
+    assert!(d.log().contains("beyond proplib's copy-in limit"));
+}

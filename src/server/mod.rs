@@ -218,6 +218,13 @@ impl Daemon {
                 return Ok(());
             };
             let (kind, h) = frame::parse_request_header(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if kind == Kind::Plist && h.len as usize >= crate::ioctl::netbsd::proplib::COPYIN_LIMIT {
+                // proplib refuses before copying in: E2BIG, without holding the plist in memory.
+                io::copy(&mut (&mut *stream).take(h.len as u64), &mut io::sink())?;
+                tracing::info!("plist of {} bytes refused: beyond proplib's copy-in limit", h.len);
+                self.reply(conn, Kind::PlistReply, &frame::ioctl_reply(-1, libc::E2BIG, &[]))?;
+                continue;
+            }
             let payload = frame::read_payload(stream, h.len)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("truncated {kind:?} frame: {e}")))?;
             match kind {
