@@ -13,7 +13,7 @@ fn kill_daemon_for(socket: &str) {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        if args.iter().any(|a| *a == b"serve") && args.iter().any(|a| *a == socket.as_bytes()) {
+        if args.contains(&&b"serve"[..]) && args.contains(&socket.as_bytes()) {
             unsafe { libc::kill(pid, libc::SIGTERM) };
             // A dead process's cmdline reads empty (zombie) or is gone.
             for _ in 0..400 {

@@ -134,8 +134,10 @@ impl Sysfs {
             replace_link(&format!("../devices/virtual/block/dm-{minor}"), &self.root.join(format!("block/dm-{minor}")))?;
             replace_link(&target, &self.root.join(format!("class/block/dm-{minor}")))?;
         }
-        let changed = |f: fn(&DevState) -> String| old.as_ref().is_none_or(|o| f(o) != f(s));
-        let files: [(&str, fn(&DevState) -> String); 5] = [
+        type Render = fn(&DevState) -> String;
+        type List = fn(&DevState) -> &Vec<u32>;
+        let changed = |f: Render| old.as_ref().is_none_or(|o| f(o) != f(s));
+        let files: [(&str, Render); 5] = [
             ("size", |s| format!("{}\n", s.size)),
             ("ro", |s| format!("{}\n", s.ro as u8)),
             ("dm/name", |s| format!("{}\n", s.name)),
@@ -147,7 +149,7 @@ impl Sysfs {
                 write_atomic(&dir.join(file), &render(s))?;
             }
         }
-        let lists: [(&str, fn(&DevState) -> &Vec<u32>); 2] = [("slaves", |s| &s.slaves), ("holders", |s| &s.holders)];
+        let lists: [(&str, List); 2] = [("slaves", |s| &s.slaves), ("holders", |s| &s.holders)];
         for (sub, list) in lists {
             if old.as_ref().is_some_and(|o| list(o) == list(s)) {
                 continue;

@@ -28,11 +28,11 @@ fn ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Box<dyn Target>>
     let chunk = parse_u64(&argv[1])
         .filter(|&c| c >= 1 && c <= u32::MAX as u64)
         .ok_or_else(|| invalid!("striped: invalid chunk_size"))?;
-    if ctx.len.0 % n != 0 {
+    if !ctx.len.0.is_multiple_of(n) {
         return Err(invalid!("striped: target length not divisible by number of stripes"));
     }
     let width = ctx.len.0 / n;
-    if width % chunk != 0 {
+    if !width.is_multiple_of(chunk) {
         return Err(invalid!("striped: target length not divisible by chunk size"));
     }
     if argv.len() as u64 != 2 + 2 * n {
