@@ -8,8 +8,10 @@
 #
 # Environment: RUNTIME (seconds per fio run, default 10), REPS (runs per cell, median, default 1),
 # ROWS (subset of row names, e.g. "randread-qd32 read-qd1"), LAYERS=0 to skip the stacking table,
-# VARIANTS (extra dmemu servers by DMEMU_NBD_WORKERS value, e.g. "0 2 16": the IO-mechanism
-# comparison), KEEP=1 to keep the work directory.
+# VARIANTS (extra dmemu servers, each with one environment setting, e.g. "DMEMU_NBD_WORKERS=0
+# DMEMU_NBD_INLINE=0": the IO-mechanism comparison), PIN=1 to run fio on CPU 0 and every server
+# on CPU 1 (qd1 figures otherwise depend on whether the scheduler puts client and server on one
+# vCPU), KEEP=1 to keep the work directory.
 # Needs: fio nbdkit qemu-utils (apt-get install -y fio nbdkit qemu-utils), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,7 @@ RUNTIME=${RUNTIME:-10}
 REPS=${REPS:-1}
 LAYERS=${LAYERS:-1}
 VARIANTS=${VARIANTS:-}
+PIN=${PIN:-0}
 ALL_ROWS="read-qd1 read-qd32 write-qd1 write-qd32 randread-qd1 randread-qd32 randwrite-qd1 randwrite-qd32"
 ROWS=${ROWS:-$ALL_ROWS}
 
@@ -42,11 +45,14 @@ dd if=/dev/zero of="$F" bs=1M count=1024 status=none
 
 wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
 
+SERVER_CPU=() FIO_CPU=()
+if [ "$PIN" = 1 ]; then SERVER_CPU=(taskset -c 1) FIO_CPU=(taskset -c 0); fi
+
 # dmemu daemons: the default one (a), and one per variant.
-start_dmemu() { # tag workers
+start_dmemu() { # tag [VAR=value]
   local d=$W/dmemu-$1
   mkdir -p "$d"
-  DMEMU_NBD_WORKERS=$2 "$DMEMU" serve --socket "$d/control.sock" --run-dir "$d" --nbd "unix:$d/nbd.sock" --log warn &
+  env ${2:-} "${SERVER_CPU[@]}" "$DMEMU" serve --socket "$d/control.sock" --run-dir "$d" --nbd "unix:$d/nbd.sock" --log warn &
   PIDS+=($!)
   wait_sock "$d/nbd.sock"
   wait_sock "$d/control.sock"
@@ -57,12 +63,13 @@ start_dmemu() { # tag workers
     $dm create lin3 --table "0 2097152 linear $($dm info -c --noheadings -o major,minor lin2 | tr -d ' ') 0"
   fi
 }
-start_dmemu main "${DMEMU_NBD_WORKERS:-8}"
-for v in $VARIANTS; do start_dmemu "w$v" "$v"; done
+start_dmemu main
+n=0
+for v in $VARIANTS; do n=$((n + 1)); start_dmemu "v$n" "$v"; done
 
-qemu-nbd -f raw -t -x disk --shared=8 --socket="$W/qemu.sock" --fork --pid-file="$W/qemu.pid" "$F"
-nbdkit -U "$W/kfile.sock" -P "$W/kfile.pid" file file="$F"
-nbdkit -U "$W/knull.sock" -P "$W/knull.pid" null 1G
+"${SERVER_CPU[@]}" qemu-nbd -f raw -t -x disk --shared=8 --socket="$W/qemu.sock" --fork --pid-file="$W/qemu.pid" "$F"
+"${SERVER_CPU[@]}" nbdkit -U "$W/kfile.sock" -P "$W/kfile.pid" file file="$F"
+"${SERVER_CPU[@]}" nbdkit -U "$W/knull.sock" -P "$W/knull.pid" null 1G
 wait_sock "$W/qemu.sock"; wait_sock "$W/kfile.sock"; wait_sock "$W/knull.sock"
 
 declare -A URI
@@ -73,14 +80,15 @@ URI[nbdkit-null]="nbd+unix:///?socket=$W/knull.sock"
 URI[layer2]="nbd+unix:///lin2?socket=$W/dmemu-main/nbd.sock"
 URI[layer3]="nbd+unix:///lin3?socket=$W/dmemu-main/nbd.sock"
 SERVERS="dmemu qemu-nbd nbdkit-file nbdkit-null"
-for v in $VARIANTS; do URI[workers=$v]="nbd+unix:///lin1?socket=$W/dmemu-w$v/nbd.sock"; SERVERS="$SERVERS workers=$v"; done
+n=0
+for v in $VARIANTS; do n=$((n + 1)); URI[$v]="nbd+unix:///lin1?socket=$W/dmemu-v$n/nbd.sock"; SERVERS="$SERVERS $v"; done
 [ "$LAYERS" = 1 ] && SERVERS="$SERVERS layer2 layer3"
 
 # One fio run: prints MiB/s (sequential rows) or IOPS (random rows).
 fio_one() { # uri row
   local rw=${2%-qd*} qd=${2#*-qd} bs=1M
   case $rw in rand*) bs=4k ;; esac
-  fio --name=j --ioengine=nbd --uri="$1" --runtime="$RUNTIME" --time_based --rw="$rw" --bs=$bs \
+  "${FIO_CPU[@]}" fio --name=j --ioengine=nbd --uri="$1" --runtime="$RUNTIME" --time_based --rw="$rw" --bs=$bs \
       --iodepth="$qd" --output-format=json 2>/dev/null |
     python3 -c '
 import json, sys
@@ -115,8 +123,8 @@ def label(r):
 def fmt(r, v):
     return f"{v/1000:.1f}k IOPS" if r.startswith("rand") else f"{v:.0f} MiB/s"
 peers = ["dmemu", "qemu-nbd", "nbdkit-file", "nbdkit-null"]
-var = [s for s in servers if s.startswith("workers=")]
-print("| figure | dmemu | qemu-nbd | nbdkit file | nbdkit null | dmemu / best of qemu-nbd, nbdkit file |" + "".join(f" dmemu {v} |" for v in var))
+var = [s for s in servers if "=" in s]
+print("| figure | dmemu | qemu-nbd | nbdkit file | nbdkit null | dmemu / best of qemu-nbd, nbdkit file |" + "".join(f" dmemu {v.removeprefix('DMEMU_NBD_')} |" for v in var))
 print("|---|---|---|---|---|---|" + "---|" * len(var))
 for r in rows:
     best = max(R[(r, "qemu-nbd")], R[(r, "nbdkit-file")])

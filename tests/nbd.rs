@@ -416,6 +416,31 @@ fn stacked_linear_over_linear_lands_in_the_file() {
 }
 
 #[test]
+fn reads_not_in_the_page_cache_come_back_right() {
+    let d = Daemon::start();
+    let f = d.file("cold.img", 8192);
+    let data = pattern(9, 4 * MIB as usize);
+    write_at(&f, 0, &data);
+    let file = std::fs::File::open(&f).unwrap();
+    file.sync_all().unwrap();
+    // Evict the file's pages: on a disk filesystem the server's no-wait reads then fail and the
+    // requests go to its workers (on tmpfs this changes nothing).
+    // SAFETY: a valid fd.
+    unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    d.dmsetup(&["create", "cold", "--table", &format!("0 8192 linear {f} 0")]).ok();
+    let mut c = Haggle::connect(&d.nbd_socket()).go("cold", true).unwrap();
+    let mut want = HashMap::new();
+    for i in 0..64u64 {
+        want.insert(c.send(CMD_READ, 0, i * 65536, 65536, &[]), i);
+    }
+    for _ in 0..64 {
+        let (k, r) = c.recv();
+        let i = want.remove(&k).unwrap() as usize;
+        assert!(r.unwrap() == data[i * 65536..(i + 1) * 65536], "block {i}");
+    }
+}
+
+#[test]
 fn read_only_table_refuses_writes() {
     let d = Daemon::start();
     let f = d.file("f.img", 2048);

@@ -387,7 +387,10 @@ impl Backing {
         // SAFETY: a valid fd and an out-buffer of the right type.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         const RAMFS_MAGIC: i64 = 0x8584_58f6;
-        let memory = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0
+        // Regular files only: a block device node lives on devtmpfs, which reports tmpfs too.
+        let regular = file.metadata().is_ok_and(|m| m.file_type().is_file());
+        let memory = regular
+            && unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0
             && matches!(st.f_type as i64, x if x == libc::TMPFS_MAGIC as i64 || x == RAMFS_MAGIC);
         Backing { file, memory }
     }

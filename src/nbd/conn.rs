@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::io::{self, BufReader, IoSlice, Read};
 use std::os::fd::AsRawFd;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -26,8 +26,8 @@ const MAX_INFLIGHT: usize = 256;
 const MAX_INFLIGHT_BYTES: u64 = 256 << 20;
 /// Replies the reader may hold back to write together while more requests are already buffered.
 const CORK_BYTES: usize = 256 << 10;
-/// Pooled buffers kept per connection, and the largest one worth keeping.
-const POOL_KEEP: usize = 64;
+/// Bytes of idle buffers kept per connection, and the largest buffer worth keeping.
+const POOL_BYTES: usize = 16 << 20;
 const POOL_MAX_BUF: usize = 4 << 20;
 /// `writev` takes at most this many pieces (Linux's IOV_MAX).
 const IOV_MAX: usize = 1024;
@@ -57,16 +57,22 @@ struct Queue {
     idle: usize,
     inflight: usize,
     inflight_bytes: u64,
+    /// The reader waits on `room`.
+    reader_waits: bool,
 }
 
-struct Job {
-    req: Request,
-    data: Vec<u8>,
+/// Work for a worker: a request, or taking over the writer role from the reader.
+enum Job {
+    Request { req: Request, data: Vec<u8> },
+    WriteOut,
 }
 
 struct Out {
-    pending: Vec<Reply>,
+    pending: VecDeque<Reply>,
     pending_bytes: usize,
+    /// Bytes of `pending[0]` already on the wire.
+    sent: usize,
+    /// Someone holds the writer role (or a WriteOut job holds it for a worker).
     writing: bool,
     broken: bool,
 }
@@ -75,13 +81,16 @@ struct Conn<'a> {
     sock: &'a File,
     export: &'a Export,
     max_workers: usize,
+    /// Largest request the reader runs itself.
+    inline: usize,
     queue: Mutex<Queue>,
     /// Workers wait here for jobs.
     work: Condvar,
     /// The reader waits here for room under the in-flight limits.
     room: Condvar,
     out: Mutex<Out>,
-    pool: Mutex<Vec<Vec<u8>>>,
+    /// Idle buffers and their total capacity.
+    pool: Mutex<(Vec<Vec<u8>>, usize)>,
 }
 
 fn io_cost(req: &Request) -> u64 {
@@ -93,7 +102,12 @@ fn io_cost(req: &Request) -> u64 {
 
 impl Conn<'_> {
     fn buffer(&self, n: usize) -> Vec<u8> {
-        let mut b = lock(&self.pool).pop().unwrap_or_default();
+        let mut b = {
+            let mut p = lock(&self.pool);
+            let b = p.0.pop().unwrap_or_default();
+            p.1 -= b.capacity();
+            b
+        };
         if b.len() < n {
             // Grows (and zeroes) only the first time a pooled buffer is used at this size.
             b.resize(n, 0);
@@ -104,8 +118,9 @@ impl Conn<'_> {
     fn recycle(&self, b: Vec<u8>) {
         if b.capacity() >= 4096 && b.capacity() <= POOL_MAX_BUF {
             let mut p = lock(&self.pool);
-            if p.len() < POOL_KEEP {
-                p.push(b);
+            if p.1 + b.capacity() <= POOL_BYTES {
+                p.1 += b.capacity();
+                p.0.push(b);
             }
         }
     }
@@ -259,63 +274,98 @@ impl Conn<'_> {
         }
     }
 
-    /// Queues a reply; writes it (and whatever else is queued) unless another thread is writing
-    /// or `flush` is false and little is queued.
-    fn send(&self, r: Reply, flush: bool) {
+    /// Queues a reply and writes it (with whatever else is queued) unless another thread holds
+    /// the writer role, or `flush` is false and little is queued. `wait` false (the reader):
+    /// never block on a full socket; returns true when the writer role must go to a worker
+    /// (a client may send requests without reading replies until it has sent them all: a
+    /// reader blocked on writing would deadlock with it).
+    #[must_use]
+    fn send(&self, r: Reply, flush: bool, wait: bool) -> bool {
         let mut o = lock(&self.out);
         if o.broken {
             drop(o);
             self.recycle(r.body);
-            return;
+            return false;
         }
         o.pending_bytes += r.len();
-        o.pending.push(r);
+        o.pending.push_back(r);
         if o.writing || (!flush && o.pending_bytes < CORK_BYTES) {
-            return;
+            return false;
         }
-        self.write_out(o);
-    }
-
-    fn flush(&self) {
-        let o = lock(&self.out);
-        if !o.writing && !o.pending.is_empty() {
-            self.write_out(o);
-        }
-    }
-
-    /// Writes queued replies until none are left; the caller holds the writer role meanwhile.
-    fn write_out<'a>(&'a self, mut o: MutexGuard<'a, Out>) {
         o.writing = true;
+        self.write_out(o, wait)
+    }
+
+    /// Writes whatever is queued; see [`Self::send`] for `wait` and the result.
+    #[must_use]
+    fn flush(&self, wait: bool) -> bool {
+        let mut o = lock(&self.out);
+        if o.writing || o.pending.is_empty() {
+            return false;
+        }
+        o.writing = true;
+        self.write_out(o, wait)
+    }
+
+    /// With the writer role held: writes queued replies until none are left. Returns true if
+    /// `wait` is false and the socket is full; the role then stays taken for a worker.
+    fn write_out<'a>(&'a self, mut o: MutexGuard<'a, Out>, wait: bool) -> bool {
+        debug_assert!(o.writing);
         while !o.pending.is_empty() && !o.broken {
-            let batch = std::mem::take(&mut o.pending);
+            let batch: Vec<Reply> = o.pending.drain(..).collect();
+            let skip = std::mem::take(&mut o.sent);
             o.pending_bytes = 0;
             drop(o);
-            let res = write_replies(self.sock, &batch);
-            for r in batch {
-                self.recycle(r.body);
-            }
+            let res = write_replies(self.sock, &batch, skip, wait);
             o = lock(&self.out);
-            if let Err(e) = res {
-                tracing::debug!("nbd: writing replies: {e}");
-                o.broken = true;
-                // Stop the reader too: nobody will hear the replies.
-                // SAFETY: a valid socket fd.
-                unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+            match res {
+                Ok(None) => batch.into_iter().for_each(|r| self.recycle(r.body)),
+                Ok(Some(mut n)) => {
+                    // Put back what is not fully written, ahead of anything queued meanwhile.
+                    let mut rest = Vec::new();
+                    for r in batch {
+                        if rest.is_empty() && n >= r.len() {
+                            n -= r.len();
+                            self.recycle(r.body);
+                        } else {
+                            rest.push(r);
+                        }
+                    }
+                    o.sent = n;
+                    o.pending_bytes += rest.iter().map(Reply::len).sum::<usize>() - n;
+                    for r in rest.into_iter().rev() {
+                        o.pending.push_front(r);
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    tracing::debug!("nbd: writing replies: {e}");
+                    o.broken = true;
+                    // Stop the reader too: nobody will hear the replies.
+                    // SAFETY: a valid socket fd.
+                    unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+                    batch.into_iter().for_each(|r| self.recycle(r.body));
+                }
             }
         }
-        for r in o.pending.drain(..) {
-            self.recycle(r.body);
-        }
+        let dropped: Vec<Reply> = o.pending.drain(..).collect();
         o.pending_bytes = 0;
+        o.sent = 0;
         o.writing = false;
+        drop(o);
+        dropped.into_iter().for_each(|r| self.recycle(r.body));
+        false
     }
 
     fn done(&self, req: &Request) {
         let mut q = lock(&self.queue);
         q.inflight -= 1;
         q.inflight_bytes -= io_cost(req);
+        let wake = q.reader_waits;
         drop(q);
-        self.room.notify_one();
+        if wake {
+            self.room.notify_one();
+        }
     }
 
     fn worker(&self) {
@@ -323,10 +373,18 @@ impl Conn<'_> {
         loop {
             if let Some(job) = q.jobs.pop_front() {
                 drop(q);
-                let req = job.req;
-                let reply = self.run(req, job.data);
-                self.send(reply, true);
-                self.done(&req);
+                match job {
+                    Job::Request { req, data } => {
+                        let reply = self.run(req, data);
+                        let _ = self.send(reply, true, true);
+                        self.done(&req);
+                    }
+                    Job::WriteOut => {
+                        // The reader handed over the writer role it holds.
+                        let o = lock(&self.out);
+                        let _ = self.write_out(o, true);
+                    }
+                }
                 q = lock(&self.queue);
             } else if q.closed {
                 return;
@@ -337,33 +395,70 @@ impl Conn<'_> {
             }
         }
     }
+
+    /// Hands a job to the workers, starting one if none is idle.
+    fn dispatch<'s>(&'s self, s: &'s std::thread::Scope<'s, '_>, job: Job) {
+        let mut q = lock(&self.queue);
+        q.jobs.push_back(job);
+        if q.idle > 0 {
+            drop(q);
+            self.work.notify_one();
+        } else if q.workers < self.max_workers.max(1) {
+            q.workers += 1;
+            drop(q);
+            s.spawn(move || self.worker());
+        }
+    }
 }
 
-/// Writes replies with as few `writev` calls as IOV_MAX allows.
-fn write_replies(sock: &File, batch: &[Reply]) -> io::Result<()> {
+/// Writes replies (the first `skip` bytes are already out) with `sendmsg`, as few calls as
+/// IOV_MAX allows. `Ok(Some(n))`: `wait` is false and the socket filled up after `n` bytes
+/// (counted from the start of the batch).
+fn write_replies(sock: &File, batch: &[Reply], skip: usize, wait: bool) -> io::Result<Option<usize>> {
+    let flags = libc::MSG_NOSIGNAL | if wait { 0 } else { libc::MSG_DONTWAIT };
+    let mut done = skip;
     let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity((batch.len() * 2).min(IOV_MAX));
     let mut i = 0;
+    let mut skip = skip;
     while i < batch.len() {
         iov.clear();
         while i < batch.len() && iov.len() + 2 <= IOV_MAX {
             let r = &batch[i];
-            iov.push(IoSlice::new(&r.head[..r.head_len]));
-            if r.body_len > 0 {
-                iov.push(IoSlice::new(&r.body[..r.body_len]));
+            for part in [&r.head[..r.head_len], &r.body[..r.body_len]] {
+                if skip >= part.len() {
+                    skip -= part.len();
+                } else {
+                    iov.push(IoSlice::new(&part[skip..]));
+                    skip = 0;
+                }
             }
             i += 1;
         }
         let mut bufs = &mut iov[..];
         while !bufs.is_empty() {
-            match (&mut &*sock).write_vectored(bufs) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            // SAFETY: IoSlice is ABI-compatible with iovec; the msghdr points at live slices.
+            let n = unsafe {
+                let mut m: libc::msghdr = std::mem::zeroed();
+                m.msg_iov = bufs.as_mut_ptr().cast();
+                m.msg_iovlen = bufs.len() as _;
+                libc::sendmsg(sock.as_raw_fd(), &m, flags)
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => return Ok(Some(done)),
+                    _ => return Err(e),
+                }
             }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            done += n as usize;
+            IoSlice::advance_slices(&mut bufs, n as usize);
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Reads a request header; `None` on a clean end of stream between requests.
@@ -385,16 +480,17 @@ fn read_request(r: &mut BufReader<&File>) -> io::Result<Option<[u8; REQUEST_LEN]
 
 /// Serves requests until the client disconnects (NBD_CMD_DISC, end of stream, or a protocol
 /// violation that ends the session).
-pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, max_workers: usize) {
+pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, tuning: super::Tuning) {
     let c = Conn {
         sock,
         export,
-        max_workers,
-        queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false, workers: 0, idle: 0, inflight: 0, inflight_bytes: 0 }),
+        max_workers: tuning.workers,
+        inline: tuning.inline,
+        queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false, workers: 0, idle: 0, inflight: 0, inflight_bytes: 0, reader_waits: false }),
         work: Condvar::new(),
         room: Condvar::new(),
-        out: Mutex::new(Out { pending: Vec::new(), pending_bytes: 0, writing: false, broken: false }),
-        pool: Mutex::new(Vec::new()),
+        out: Mutex::new(Out { pending: VecDeque::new(), pending_bytes: 0, sent: 0, writing: false, broken: false }),
+        pool: Mutex::new((Vec::new(), 0)),
     };
     let name = export.handle.name();
     std::thread::scope(|s| {
@@ -413,14 +509,28 @@ pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, ma
         drop(q);
         c.work.notify_all();
     });
-    c.flush();
+    // The reader's own last replies (the workers have left; blocking is fine now).
+    let _ = c.flush(true);
 }
 
-fn reader<'s, 'c: 's>(c: &'c Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Scope<'s, '_>) -> io::Result<()> {
+/// The reader's side of [`Conn::send`]: never blocks on the socket.
+fn reply<'s>(c: &'s Conn<'_>, s: &'s std::thread::Scope<'s, '_>, reply: Reply, flush: bool) {
+    if c.send(reply, flush, false) {
+        c.dispatch(s, Job::WriteOut);
+    }
+}
+
+fn flush<'s>(c: &'s Conn<'_>, s: &'s std::thread::Scope<'s, '_>) {
+    if c.flush(false) {
+        c.dispatch(s, Job::WriteOut);
+    }
+}
+
+fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Scope<'s, '_>) -> io::Result<()> {
     loop {
         if r.buffer().len() < REQUEST_LEN {
             // About to wait for the client: let it have the replies first.
-            c.flush();
+            flush(c, s);
         }
         let Some(raw) = read_request(r)? else { return Ok(()) };
         let Some(req) = Request::parse(&raw) else {
@@ -436,23 +546,25 @@ fn reader<'s, 'c: 's>(c: &'c Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thr
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("NBD_CMD_WRITE of {} bytes (limit 32 MiB)", req.len)));
         }
         // Wait for room before taking a payload in.
-        {
-            let mut q = lock(&c.queue);
-            while q.inflight >= MAX_INFLIGHT || (q.inflight > 0 && q.inflight_bytes + io_cost(&req) > MAX_INFLIGHT_BYTES) {
-                drop(q);
-                c.flush();
-                q = lock(&c.queue);
-                if q.inflight >= MAX_INFLIGHT || (q.inflight > 0 && q.inflight_bytes + io_cost(&req) > MAX_INFLIGHT_BYTES) {
-                    q = c.room.wait(q).unwrap_or_else(|p| p.into_inner());
-                }
+        let full = |q: &Queue| q.inflight >= MAX_INFLIGHT || (q.inflight > 0 && q.inflight_bytes + io_cost(&req) > MAX_INFLIGHT_BYTES);
+        let mut q = lock(&c.queue);
+        if full(&q) {
+            drop(q);
+            flush(c, s);
+            q = lock(&c.queue);
+            while full(&q) {
+                q.reader_waits = true;
+                q = c.room.wait(q).unwrap_or_else(|p| p.into_inner());
+                q.reader_waits = false;
             }
-            q.inflight += 1;
-            q.inflight_bytes += io_cost(&req);
         }
+        q.inflight += 1;
+        q.inflight_bytes += io_cost(&req);
+        drop(q);
         let mut data = Vec::new();
         if req.typ == CMD_WRITE {
             if r.buffer().len() < req.len as usize {
-                c.flush();
+                flush(c, s);
             }
             data = c.buffer(req.len as usize);
             if let Err(e) = r.read_exact(&mut data[..req.len as usize]) {
@@ -460,38 +572,31 @@ fn reader<'s, 'c: 's>(c: &'c Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thr
                 return Err(e);
             }
         }
+        // Replies wait while the next request is already here, to go out together.
+        let more = r.buffer().len() >= REQUEST_LEN;
         if let Err((err, msg)) = c.check(&req) {
             tracing::debug!("nbd: refusing {req:?}: {} ({msg})", errno_name(err));
             c.recycle(data);
-            let reply = c.error_reply(&req, err, msg);
-            c.send(reply, false);
+            reply(c, s, c.error_reply(&req, err, msg), !more);
             c.done(&req);
             continue;
         }
         if c.max_workers == 0 {
             // The serial variant (for comparison): everything here, one at a time.
-            let reply = c.run(req, data);
-            c.send(reply, r.buffer().len() < REQUEST_LEN);
+            reply(c, s, c.run(req, data), !more);
             c.done(&req);
             continue;
         }
-        let (req, data) = match c.try_inline(req, data) {
-            Ok(reply) => {
-                c.send(reply, r.buffer().len() < REQUEST_LEN);
+        if req.len as usize > c.inline {
+            c.dispatch(s, Job::Request { req, data });
+            continue;
+        }
+        match c.try_inline(req, data) {
+            Ok(rep) => {
+                reply(c, s, rep, !more);
                 c.done(&req);
-                continue;
             }
-            Err(back) => back,
-        };
-        let mut q = lock(&c.queue);
-        q.jobs.push_back(Job { req, data });
-        if q.idle > 0 {
-            drop(q);
-            c.work.notify_one();
-        } else if q.workers < c.max_workers {
-            q.workers += 1;
-            drop(q);
-            s.spawn(move || c.worker());
+            Err((req, data)) => c.dispatch(s, Job::Request { req, data }),
         }
     }
 }

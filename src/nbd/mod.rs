@@ -82,17 +82,21 @@ pub fn listeners(specs: &[String], run_dir: &Path) -> Result<Vec<Listen>, String
     }
 }
 
-/// Server knobs. `workers`: worker threads per connection at most (`DMEMU_NBD_WORKERS`, default
-/// 8; 0 runs every request on the connection's own thread, one at a time).
+/// Server knobs, for the IO-mechanism comparison (docs/PERFORMANCE.md, "Data plane").
+/// `workers`: worker threads per connection at most (`DMEMU_NBD_WORKERS`, default 8; 0 runs
+/// every request on the connection's own thread, one at a time). `inline`: the connection's
+/// thread runs requests that cannot wait and carry at most this many bytes itself
+/// (`DMEMU_NBD_INLINE`; 0 hands every request to a worker).
 #[derive(Clone, Copy, Debug)]
 pub struct Tuning {
     pub workers: usize,
+    pub inline: usize,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
-        let workers = std::env::var("DMEMU_NBD_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
-        Tuning { workers }
+        let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        Tuning { workers: var("DMEMU_NBD_WORKERS").unwrap_or(8), inline: var("DMEMU_NBD_INLINE").unwrap_or(usize::MAX) }
     }
 }
 
@@ -158,7 +162,21 @@ pub fn start(io: DataPlane, listeners: &[Listen], tuning: Tuning) -> io::Result<
     Ok(())
 }
 
+/// Send buffer per connection: a 1 MiB read reply then goes out in one piece instead of five
+/// (the kernel caps it at net.core.wmem_max).
+const SEND_BUFFER: libc::c_int = 4 << 20;
+
 fn spawn_connection(io: DataPlane, fd: OwnedFd, tuning: Tuning) {
+    // SAFETY: a valid socket fd and an int option of the size we pass.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&SEND_BUFFER as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     let r = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || connection(&io, File::from(fd), tuning));
     if let Err(e) = r {
         tracing::warn!("nbd: cannot start a connection thread: {e}");
@@ -171,7 +189,7 @@ fn connection(io: &DataPlane, sock: File, tuning: Tuning) {
     match handshake::negotiate(io, &mut r, &sock) {
         Ok(Some(export)) => {
             tracing::debug!("nbd: client entered transmission on {} ({} bytes)", export.handle.name(), export.size);
-            conn::transmit(&export, &sock, r, tuning.workers);
+            conn::transmit(&export, &sock, r, tuning);
         }
         Ok(None) => tracing::debug!("nbd: client aborted the handshake"),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => tracing::debug!("nbd: client left during the handshake"),
