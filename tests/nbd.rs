@@ -504,7 +504,7 @@ fn write_stream_through_suspend_reload_resume_loses_nothing() {
         std::thread::spawn(move || {
             // One write at a time, in order: block i is acknowledged before block i+1 is sent.
             let mut i = 0u64;
-            while i < blocks && !(stop.load(Ordering::SeqCst) && i % 16 == 0) {
+            while i < blocks && !(stop.load(Ordering::SeqCst) && i.is_multiple_of(16)) {
                 c.write(i * 4096, &pattern(1000 + i, 4096)).unwrap();
                 i += 1;
                 acked.store(i, Ordering::SeqCst);

@@ -383,6 +383,8 @@ struct Backing {
 }
 
 impl Backing {
+    // `f_type` and TMPFS_MAGIC have different integer types on other targets.
+    #[allow(clippy::useless_conversion)]
     fn new(file: File) -> Self {
         // SAFETY: a valid fd and an out-buffer of the right type.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -391,7 +393,7 @@ impl Backing {
         let regular = file.metadata().is_ok_and(|m| m.file_type().is_file());
         let memory = regular
             && unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0
-            && matches!(st.f_type as i64, x if x == libc::TMPFS_MAGIC as i64 || x == RAMFS_MAGIC);
+            && matches!(i64::from(st.f_type), x if x == i64::from(libc::TMPFS_MAGIC) || x == RAMFS_MAGIC);
         Backing { file, memory }
     }
 }

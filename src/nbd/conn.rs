@@ -6,9 +6,12 @@
 //! (docs/PERFORMANCE.md, "Data plane"). Everything that may wait — a read from disk, FLUSH, FUA,
 //! TRIM, WRITE_ZEROES, any IO on a suspended device — goes to this connection's worker threads
 //! (started on demand, up to [`super::Tuning::workers`]), so many requests are in flight at once
-//! and a slow one does not hold up the rest. Replies are serialized by a writer lock that also
-//! combines: whoever holds it writes every reply queued meanwhile with one `writev`, and the
-//! reader holds its own replies back while further requests are already buffered.
+//! and a slow one does not hold up the rest; so do big writes while the client keeps several
+//! requests in flight (their copy overlaps with receiving the next payload). Replies are
+//! serialized by a writer role that also combines: whoever holds it writes every reply queued
+//! meanwhile with one `sendmsg`, and the reader holds its own replies back while further requests
+//! are already buffered. The reader never blocks on a full socket: it hands the writer role to a
+//! worker instead (a client may send many requests before reading any reply).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -29,7 +32,7 @@ const CORK_BYTES: usize = 256 << 10;
 /// Bytes of idle buffers kept per connection, and the largest buffer worth keeping.
 const POOL_BYTES: usize = 16 << 20;
 const POOL_MAX_BUF: usize = 4 << 20;
-/// `writev` takes at most this many pieces (Linux's IOV_MAX).
+/// `sendmsg` takes at most this many pieces (Linux's IOV_MAX).
 const IOV_MAX: usize = 1024;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -81,7 +84,7 @@ struct Conn<'a> {
     sock: &'a File,
     export: &'a Export,
     max_workers: usize,
-    /// Largest request the reader runs itself.
+    /// Largest write the reader runs itself while more requests wait; 0: none at all.
     inline: usize,
     queue: Mutex<Queue>,
     /// Workers wait here for jobs.
@@ -461,6 +464,69 @@ fn write_replies(sock: &File, batch: &[Reply], skip: usize, wait: bool) -> io::R
     Ok(None)
 }
 
+/// A short busy-wait for the next request before sleeping in `read`, for clients that answer
+/// each reply with the next request at once (queue depth 1): waking a sleeping thread on another
+/// vCPU costs tens of microseconds here, more than the request itself (docs/PERFORMANCE.md). It
+/// spins only while the client's recent waits were short, at most [`Spin::LIMIT`] per wait, and
+/// yields the CPU meanwhile (a client on the same CPU runs first).
+#[derive(Default)]
+struct Spin {
+    /// The last wait was short: spin before the next.
+    hot: bool,
+    /// When the current wait began, if it ended up sleeping in `read`.
+    slept: Option<std::time::Instant>,
+}
+
+impl Spin {
+    const LIMIT: std::time::Duration = std::time::Duration::from_micros(50);
+    /// A whole wait (spin and sleep) this short still counts as a back-to-back client: a
+    /// sleep includes the wake-up.
+    const SHORT: std::time::Duration = std::time::Duration::from_micros(100);
+
+    /// Before a `read` that would block.
+    fn before(&mut self, sock: &File) {
+        let start = std::time::Instant::now();
+        if self.hot {
+            let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            loop {
+                // SAFETY: one valid pollfd; a zero timeout never sleeps.
+                if unsafe { libc::poll(&mut pfd, 1, 0) } != 0 {
+                    return;
+                }
+                if start.elapsed() > Self::LIMIT {
+                    break;
+                }
+                // SAFETY: no preconditions.
+                unsafe { libc::sched_yield() };
+            }
+        }
+        self.slept = Some(start);
+    }
+
+    /// After the `read` returned.
+    fn after(&mut self) {
+        if let Some(t) = self.slept.take() {
+            self.hot = t.elapsed() <= Self::SHORT;
+        }
+    }
+}
+
+fn sock_of<'a>(r: &BufReader<&'a File>) -> &'a File {
+    r.get_ref()
+}
+
+/// Bytes the client has sent that we have not read yet.
+fn pending(sock: &File) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: a valid socket fd and an int out-parameter.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r == 0 {
+        n.max(0) as usize
+    } else {
+        0
+    }
+}
+
 /// Reads a request header; `None` on a clean end of stream between requests.
 fn read_request(r: &mut BufReader<&File>) -> io::Result<Option<[u8; REQUEST_LEN]>> {
     let mut h = [0u8; REQUEST_LEN];
@@ -527,12 +593,18 @@ fn flush<'s>(c: &'s Conn<'_>, s: &'s std::thread::Scope<'s, '_>) {
 }
 
 fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Scope<'s, '_>) -> io::Result<()> {
+    let mut spin = Spin::default();
     loop {
         if r.buffer().len() < REQUEST_LEN {
             // About to wait for the client: let it have the replies first.
             flush(c, s);
+            if r.buffer().is_empty() {
+                spin.before(sock_of(r));
+            }
         }
-        let Some(raw) = read_request(r)? else { return Ok(()) };
+        let raw = read_request(r)?;
+        spin.after();
+        let Some(raw) = raw else { return Ok(()) };
         let Some(req) = Request::parse(&raw) else {
             // Nothing after a bad magic can be trusted to be a request boundary.
             return Err(io::Error::new(io::ErrorKind::InvalidData, "bad request magic"));
@@ -587,7 +659,14 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
             c.done(&req);
             continue;
         }
-        if req.len as usize > c.inline {
+        // A big write goes to a worker when the client keeps several requests in flight (another
+        // one is still running, or the next is already here): its copy into the page cache then
+        // overlaps with receiving the next payload. At queue depth 1 the hand-off would only add
+        // latency, and reads gain nothing either way (docs/PERFORMANCE.md).
+        let big_write = req.typ == CMD_WRITE
+            && req.len as usize > c.inline
+            && (more || lock(&c.queue).inflight > 1 || pending(sock_of(r)) >= REQUEST_LEN);
+        if c.inline == 0 || big_write {
             c.dispatch(s, Job::Request { req, data });
             continue;
         }

@@ -84,9 +84,9 @@ pub fn listeners(specs: &[String], run_dir: &Path) -> Result<Vec<Listen>, String
 
 /// Server knobs, for the IO-mechanism comparison (docs/PERFORMANCE.md, "Data plane").
 /// `workers`: worker threads per connection at most (`DMEMU_NBD_WORKERS`, default 8; 0 runs
-/// every request on the connection's own thread, one at a time). `inline`: the connection's
-/// thread runs requests that cannot wait and carry at most this many bytes itself
-/// (`DMEMU_NBD_INLINE`; 0 hands every request to a worker).
+/// every request on the connection's own thread, one at a time). `inline`: the largest write the
+/// connection's thread runs itself while further requests are waiting (`DMEMU_NBD_INLINE`,
+/// default 128 KiB); 0 hands every request to a worker.
 #[derive(Clone, Copy, Debug)]
 pub struct Tuning {
     pub workers: usize,
@@ -96,7 +96,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
-        Tuning { workers: var("DMEMU_NBD_WORKERS").unwrap_or(8), inline: var("DMEMU_NBD_INLINE").unwrap_or(usize::MAX) }
+        Tuning { workers: var("DMEMU_NBD_WORKERS").unwrap_or(8), inline: var("DMEMU_NBD_INLINE").unwrap_or(128 << 10) }
     }
 }
 
