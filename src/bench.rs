@@ -122,7 +122,11 @@ fn rate(n: u32, t: Duration) -> f64 {
 fn vm_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+            })
+        })
         .unwrap_or(0)
 }
 
@@ -177,7 +181,11 @@ fn round_trips(dir: &Path, n: u32, pin: bool) -> Result<(f64, f64)> {
 fn in_process_status(n: u32) -> Result<f64> {
     use crate::dm::{Engine, EngineConfig};
     use crate::ioctl::linux;
-    let mut e = Engine::new(EngineConfig { major: 252, file_major: 251 }, crate::targets::registry(), Box::new(crate::server::resolver::FsResolver));
+    let mut e = Engine::new(
+        EngineConfig { major: 252, file_major: 251 },
+        crate::targets::registry(),
+        Box::new(crate::server::resolver::FsResolver),
+    );
     let create = IoctlBuf::new(DmCmd::DevCreate).name("rt").bytes();
     let Ok(linux::Decoded::Command(d)) = linux::decode(DmCmd::DevCreate.request(), &create) else {
         return Err("decode create".into());
@@ -225,7 +233,9 @@ fn big_table(dir: &Path, n: u32) -> Result<BigTable> {
     let path = file.to_string_lossy().into_owned();
     let t = Instant::now();
     let offsets: Vec<String> = (0..n as u64).map(|i| format!("{path} {}", i * 8)).collect();
-    let buf = IoctlBuf::new(DmCmd::TableLoad).name("big").table(offsets.iter().enumerate().map(|(i, p)| (i as u64 * 8, 8, "linear", p.as_str())));
+    let buf = IoctlBuf::new(DmCmd::TableLoad)
+        .name("big")
+        .table(offsets.iter().enumerate().map(|(i, p)| (i as u64 * 8, 8, "linear", p.as_str())));
     let bytes = buf.bytes();
     drop(offsets);
     let encode = t.elapsed();
@@ -255,15 +265,26 @@ pub fn run(args: BenchArgs) -> Result {
     }
     let base = args.dir.clone().unwrap_or_else(|| {
         let shm = PathBuf::from("/dev/shm");
-        if shm.is_dir() { shm } else { std::env::temp_dir() }
+        if shm.is_dir() {
+            shm
+        } else {
+            std::env::temp_dir()
+        }
     });
     let dir = base.join(format!("dmemu-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        })
         .unwrap_or_default();
-    println!("machine: {} CPUs, {cpu}; run dir {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), dir.display());
+    println!(
+        "machine: {} CPUs, {cpu}; run dir {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        dir.display()
+    );
     let mut runs = vec![false];
     if args.pin {
         runs.push(true);

@@ -85,7 +85,11 @@ fn daemon(socket: &Path) -> Result<Proc> {
 fn vm_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+            })
+        })
         .unwrap_or(0)
 }
 
@@ -162,11 +166,17 @@ fn socketed(a: &BenchSwitchArgs, dir: &Path, entries: &[u32]) -> Result<Socketed
     let sock = dir.join("switch.sock");
     let d = daemon(&sock)?;
     let mut c = Client::connect(&sock)?;
-    let rfc_params: String = std::iter::once(format!("{} {}", a.paths, a.region_size)).chain(files.iter().map(|f| format!("{f} 0"))).collect::<Vec<_>>().join(" ");
+    let rfc_params: String = std::iter::once(format!("{} {}", a.paths, a.region_size))
+        .chain(files.iter().map(|f| format!("{f} 0")))
+        .collect::<Vec<_>>()
+        .join(" ");
     let before = rss(&d);
     let t = Instant::now();
     check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name("rfc"))?, "create")?;
-    check(&c.run(&IoctlBuf::new(DmCmd::TableLoad).name("rfc").table([(0, len, "switch", rfc_params.as_str())]))?, "load")?;
+    check(
+        &c.run(&IoctlBuf::new(DmCmd::TableLoad).name("rfc").table([(0, len, "switch", rfc_params.as_str())]))?,
+        "load",
+    )?;
     check(&c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("rfc"))?, "resume")?;
     let switch_create = t.elapsed();
     let dev = DevNum::huge_decode(c.run(&IoctlBuf::new(DmCmd::DevStatus).name("rfc"))?.header().dev);
@@ -181,9 +191,15 @@ fn socketed(a: &BenchSwitchArgs, dir: &Path, entries: &[u32]) -> Result<Socketed
     let st = c.run(&IoctlBuf::new(DmCmd::TableStatus).name("rfc"))?;
     check(&st, "status")?;
 
-    let up_params: String = std::iter::once(format!("{} {} 0", a.paths, a.region_size)).chain(files.iter().map(|f| format!("{f} 0"))).collect::<Vec<_>>().join(" ");
+    let up_params: String = std::iter::once(format!("{} {} 0", a.paths, a.region_size))
+        .chain(files.iter().map(|f| format!("{f} 0")))
+        .collect::<Vec<_>>()
+        .join(" ");
     check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name("up"))?, "create")?;
-    check(&c.run(&IoctlBuf::new(DmCmd::TableLoad).name("up").table([(0, len, "switch", up_params.as_str())]))?, "load")?;
+    check(
+        &c.run(&IoctlBuf::new(DmCmd::TableLoad).name("up").table([(0, len, "switch", up_params.as_str())]))?,
+        "load",
+    )?;
     check(&c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("up"))?, "resume")?;
     let mut messages = Vec::new();
     let mut mstats = Default::default();
@@ -211,12 +227,18 @@ fn socketed(a: &BenchSwitchArgs, dir: &Path, entries: &[u32]) -> Result<Socketed
 }
 
 /// The same routing as an N-line linear table: (load, resume, resident bytes).
-fn linear_table(a: &BenchSwitchArgs, dir: &Path, files: &[String], entries: &[u32]) -> Result<(Duration, Duration, u64)> {
+fn linear_table(
+    a: &BenchSwitchArgs,
+    dir: &Path,
+    files: &[String],
+    entries: &[u32],
+) -> Result<(Duration, Duration, u64)> {
     let sock = dir.join("linear.sock");
     let d = daemon(&sock)?;
     let mut c = Client::connect(&sock)?;
     let rs = a.region_size as u64;
-    let params: Vec<String> = entries.iter().enumerate().map(|(i, &p)| format!("{} {}", files[p as usize], i as u64 * rs)).collect();
+    let params: Vec<String> =
+        entries.iter().enumerate().map(|(i, &p)| format!("{} {}", files[p as usize], i as u64 * rs)).collect();
     let bytes = IoctlBuf::new(DmCmd::TableLoad)
         .name("lin")
         .table(params.iter().enumerate().map(|(i, p)| (i as u64 * rs, rs, "linear", p.as_str())))
@@ -240,7 +262,16 @@ fn linear_table(a: &BenchSwitchArgs, dir: &Path, files: &[String], entries: &[u3
 
 fn fake_paths(n: u32) -> Vec<(Arc<Pdev>, Sectors)> {
     (0..n)
-        .map(|i| (Arc::new(Pdev { dev: DevNum::new(8, i), kind: PdevKind::Block { path: format!("/dev/p{i}") }, size: Sectors(0) }), Sectors(0)))
+        .map(|i| {
+            (
+                Arc::new(Pdev {
+                    dev: DevNum::new(8, i),
+                    kind: PdevKind::Block { path: format!("/dev/p{i}") },
+                    size: Sectors(0),
+                }),
+                Sectors(0),
+            )
+        })
         .collect()
 }
 
@@ -461,9 +492,16 @@ pub fn run(a: BenchSwitchArgs) -> Result {
     std::fs::create_dir_all(&dir)?;
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        })
         .unwrap_or_default();
-    println!("machine: {} CPUs, {cpu}; run dir {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), dir.display());
+    println!(
+        "machine: {} CPUs, {cpu}; run dir {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        dir.display()
+    );
     let n = a.regions as f64;
     println!("routing: {} regions of {} sectors over {} paths, pseudo-random", a.regions, a.region_size, a.paths);
     let entries = routing(a.regions, a.paths);

@@ -99,7 +99,15 @@ fn hello_field(hello: &str, key: &str) -> Option<String> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn serve(socket: Option<PathBuf>, run_dir: Option<PathBuf>, major: Option<u32>, log: Option<String>, netbsd_errors: server::NetbsdErrors, nbd: Vec<String>, fuse_dir: Option<PathBuf>) -> anyhow_like::Result {
+fn serve(
+    socket: Option<PathBuf>,
+    run_dir: Option<PathBuf>,
+    major: Option<u32>,
+    log: Option<String>,
+    netbsd_errors: server::NetbsdErrors,
+    nbd: Vec<String>,
+    fuse_dir: Option<PathBuf>,
+) -> anyhow_like::Result {
     let filter = log.or_else(|| std::env::var("DMEMU_LOG").ok()).unwrap_or_else(|| "info".into());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -123,14 +131,21 @@ fn serve(socket: Option<PathBuf>, run_dir: Option<PathBuf>, major: Option<u32>, 
         // Before any thread starts, so every thread inherits the blocked signals.
         dmemu::fuse::unmount_on_exit_signals(d.clone())?;
     }
-    let cfg = ServeConfig { socket: socket.clone(), run_dir, engine: EngineConfig { major, file_major }, netbsd_errors, fuse_dir: fuse_dir.clone() };
+    let cfg = ServeConfig {
+        socket: socket.clone(),
+        run_dir,
+        engine: EngineConfig { major, file_major },
+        netbsd_errors,
+        fuse_dir: fuse_dir.clone(),
+    };
     let engine = Engine::new(cfg.engine, dmemu::targets::registry(), Box::new(FsResolver));
     let daemon = Daemon::new(&cfg, engine)?;
     tracing::info!("block major {major}, file pseudo-major {file_major}, run dir {}", cfg.run_dir.display());
     // Mounted before the socket answers, so a client that sees fuse_dir in HELLO finds the files.
     let _fuse = match &fuse_dir {
         Some(d) => {
-            let m = dmemu::fuse::mount(d, daemon.io().clone()).map_err(|e| format!("mounting FUSE on {}: {e}", d.display()))?;
+            let m = dmemu::fuse::mount(d, daemon.io().clone())
+                .map_err(|e| format!("mounting FUSE on {}: {e}", d.display()))?;
             tracing::info!("device files on {}", m.dir().display());
             Some(m)
         }
@@ -230,7 +245,9 @@ mod anyhow_like {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Serve { socket, run_dir, major, log, netbsd_errors, nbd, fuse_dir } => serve(socket, run_dir, major, log, netbsd_errors, nbd, fuse_dir),
+        Cmd::Serve { socket, run_dir, major, log, netbsd_errors, nbd, fuse_dir } => {
+            serve(socket, run_dir, major, log, netbsd_errors, nbd, fuse_dir)
+        }
         Cmd::Exec { socket, command } => exec(socket, command),
         Cmd::Bench(args) => dmemu::bench::run(args),
         Cmd::Switch(args) => dmemu::switch_cli::run(args, default_socket()),

@@ -121,7 +121,13 @@ impl Task {
         let r = client.plist(&xml).map_err(|e| fail(os_errno(e)))?;
         if ctx.dump {
             let body = r.bytes.strip_suffix(&[0]).unwrap_or(&r.bytes);
-            eprint!("--- reply: ret {} errno {} ({} bytes) ---\n{}", r.ret, r.errno, r.bytes.len(), String::from_utf8_lossy(body));
+            eprint!(
+                "--- reply: ret {} errno {} ({} bytes) ---\n{}",
+                r.ret,
+                r.errno,
+                r.bytes.len(),
+                String::from_utf8_lossy(body)
+            );
         }
         if r.ret < 0 {
             return Err(fail(r.errno));
@@ -169,14 +175,18 @@ pub fn run(args: NbsdArgs, default_socket: impl FnOnce() -> PathBuf) -> Result {
                 let Value::Dict(e) = e else { continue };
                 let e = Task { dict: e.clone() };
                 let ver = match e.get("ver") {
-                    Some(Value::Array(a)) => a.iter().map(|n| n.as_num().and_then(|n| n.as_u32()).unwrap_or(0) as i32).collect(),
+                    Some(Value::Array(a)) => {
+                        a.iter().map(|n| n.as_num().and_then(|n| n.as_u32()).unwrap_or(0) as i32).collect()
+                    }
                     _ => vec![],
                 };
                 let ver = |i: usize| ver.get(i).copied().unwrap_or(0);
                 write!(out, "Target name: {}\nTarget version {}.{}.{}\n\n", e.text("name"), ver(0), ver(1), ver(2))?;
             }
         }
-        NbsdCmd::Create { name } => Task::new("create").name(&name).run(&ctx, "dmctl_create_dev: libdm_task_run failed.")?,
+        NbsdCmd::Create { name } => {
+            Task::new("create").name(&name).run(&ctx, "dmctl_create_dev: libdm_task_run failed.")?
+        }
         NbsdCmd::Ls => {
             let mut t = Task::new("names");
             t.run(&ctx, "dmctl_list_devices: libdm_task_run failed.")?;
@@ -203,8 +213,12 @@ pub fn run(args: NbsdArgs, default_socket: impl FnOnce() -> PathBuf) -> Result {
             .name(&name)
             .with("cmd_data", Value::Array(vec![Value::str(&new_name)]))
             .run(&ctx, "dmctl_dev_rename: libdm_task_run failed.")?,
-        NbsdCmd::Remove { name } => Task::new("remove").name(&name).run(&ctx, "dmctl_dev_remove: libdm_task_run failed.")?,
-        NbsdCmd::Resume { name } => Task::new("resume").name(&name).run(&ctx, "dmctl_dev_resume: libdm_task_run failed.")?,
+        NbsdCmd::Remove { name } => {
+            Task::new("remove").name(&name).run(&ctx, "dmctl_dev_remove: libdm_task_run failed.")?
+        }
+        NbsdCmd::Resume { name } => {
+            Task::new("resume").name(&name).run(&ctx, "dmctl_dev_resume: libdm_task_run failed.")?
+        }
         NbsdCmd::Suspend { name } => Task::new("suspend")
             .name(&name)
             .with("flags", Value::u(flags::SUSPEND))
@@ -251,9 +265,9 @@ pub fn run(args: NbsdArgs, default_socket: impl FnOnce() -> PathBuf) -> Result {
 /// the line (after the blanks that follow the type) as parameters. Blank lines are skipped.
 fn read_table(file: Option<&Path>) -> Result<Vec<Value>> {
     let reader: Box<dyn BufRead> = match file {
-        Some(p) if p != Path::new("-") => Box::new(io::BufReader::new(
-            std::fs::File::open(p).map_err(|e| format!("Cannot open table file: {e}"))?,
-        )),
+        Some(p) if p != Path::new("-") => {
+            Box::new(io::BufReader::new(std::fs::File::open(p).map_err(|e| format!("Cannot open table file: {e}"))?))
+        }
         _ => Box::new(io::stdin().lock()),
     };
     let mut entries = Vec::new();

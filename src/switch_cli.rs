@@ -110,7 +110,8 @@ pub fn switch_info(c: &mut Client, dev: &str) -> Result<SwitchInfo> {
     let st = c.run(&key(DmCmd::DevStatus))?;
     check_ioctl(&st, dev)?;
     let h = st.header();
-    let name = String::from_utf8_lossy(&h.name[..h.name.iter().position(|&c| c == 0).unwrap_or(h.name.len())]).into_owned();
+    let name =
+        String::from_utf8_lossy(&h.name[..h.name.iter().position(|&c| c == 0).unwrap_or(h.name.len())]).into_owned();
     let devnum = DevNum::huge_decode(h.dev);
     let r = c.run(&key(DmCmd::TableStatus).flags(DmFlags::STATUS_TABLE))?;
     check_ioctl(&r, dev)?;
@@ -123,7 +124,8 @@ pub fn switch_info(c: &mut Client, dev: &str) -> Result<SwitchInfo> {
             .and_then(|b| DmTargetSpec::read_from_bytes(b).ok())
             .ok_or("short TABLE_STATUS reply")?;
         let params = &r.bytes[at + DM_TARGET_SPEC_SIZE..];
-        let params = String::from_utf8_lossy(&params[..params.iter().position(|&c| c == 0).unwrap_or(params.len())]).into_owned();
+        let params = String::from_utf8_lossy(&params[..params.iter().position(|&c| c == 0).unwrap_or(params.len())])
+            .into_owned();
         let ty = &spec.target_type[..spec.target_type.iter().position(|&c| c == 0).unwrap_or(16)];
         if ty == b"switch" {
             let w: Vec<&str> = params.split_whitespace().collect();
@@ -213,9 +215,16 @@ pub fn upload_genl(
         match reply.first() {
             Some(ReplyMsg::Response(r)) if r.status == 0 => {}
             Some(ReplyMsg::Response(r)) => {
-                return Err(format!("upload refused ({}): {}", io::Error::from_raw_os_error(r.status as i32), r.error()).into())
+                return Err(format!(
+                    "upload refused ({}): {}",
+                    io::Error::from_raw_os_error(r.status as i32),
+                    r.error()
+                )
+                .into())
             }
-            Some(ReplyMsg::Error(e)) => return Err(format!("upload refused: {}", io::Error::from_raw_os_error(-e)).into()),
+            Some(ReplyMsg::Error(e)) => {
+                return Err(format!("upload refused: {}", io::Error::from_raw_os_error(-e)).into())
+            }
             other => return Err(format!("unexpected reply {other:?}").into()),
         }
         stats.messages += 1;
@@ -246,7 +255,8 @@ pub fn mapping_messages(entries: &[u32], first: u64, max_len: usize) -> Vec<Stri
                 if entries.len() - i < 4 || (0..4).any(|k| entries[i + k] != entries[i + k - n]) {
                     continue;
                 }
-                let m = 4 + entries[i + 4..].iter().enumerate().take_while(|&(k, &v)| v == entries[i + 4 + k - n]).count();
+                let m =
+                    4 + entries[i + 4..].iter().enumerate().take_while(|&(k, &v)| v == entries[i + 4 + k - n]).count();
                 if m > best.1 {
                     best = (n, m);
                 }
@@ -295,7 +305,13 @@ fn push_hex(s: &mut String, v: u64) {
 
 /// The upstream upload: `entries` through `set_region_mappings` messages to the switch target at
 /// sector `start` of device `name`.
-pub fn upload_messages(c: &mut Client, name: &str, start: u64, entries: &[u32], mut progress: impl FnMut(u64, u64)) -> Result<UploadStats> {
+pub fn upload_messages(
+    c: &mut Client,
+    name: &str,
+    start: u64,
+    entries: &[u32],
+    mut progress: impl FnMut(u64, u64),
+) -> Result<UploadStats> {
     let t = Instant::now();
     let mut stats = UploadStats::default();
     let msgs = mapping_messages(entries, 0, MAX_IPC_MSG_LEN);
@@ -321,11 +337,14 @@ fn read_map(a: &UploadArgs, info: &SwitchInfo, bits: u8) -> Result<Vec<u32>> {
         data = std::fs::read(&a.map).map_err(|e| format!("{}: {e}", a.map))?;
     }
     if !a.raw {
-        let text = String::from_utf8(data).map_err(|_| format!("{}: not text (use --raw for packed entries)", a.map))?;
+        let text =
+            String::from_utf8(data).map_err(|_| format!("{}: not text (use --raw for packed entries)", a.map))?;
         return text
             .split_ascii_whitespace()
             .enumerate()
-            .map(|(i, w)| w.parse::<u32>().map_err(|_| format!("{}: entry {i}: {w:?} is not a path index", a.map).into()))
+            .map(|(i, w)| {
+                w.parse::<u32>().map_err(|_| format!("{}: entry {i}: {w:?} is not a path index", a.map).into())
+            })
             .collect();
     }
     let n = a.regions.unwrap_or_else(|| info.regions());
@@ -353,7 +372,9 @@ pub fn run(args: SwitchArgs, default_socket: PathBuf) -> Result {
     let mut c = Client::connect(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     let info = switch_info(&mut c, &a.dev)?;
     if info.region_size != a.page_size as u64 {
-        return Err(format!("{}: --page-size {} does not match the table's {}", a.dev, a.page_size, info.region_size).into());
+        return Err(
+            format!("{}: --page-size {} does not match the table's {}", a.dev, a.page_size, info.region_size).into()
+        );
     }
     let bits = match (a.pte_bits, info.rfc) {
         (Some(b), true) if (1..=32).contains(&b) => b,
@@ -364,7 +385,15 @@ pub fn run(args: SwitchArgs, default_socket: PathBuf) -> Result {
         _ => info.default_bits(),
     };
     let entries = read_map(&a, &info, bits)?;
-    let limit = if info.rfc { if bits >= 32 { u64::MAX } else { (1u64 << bits) - 1 } } else { info.paths - 1 };
+    let limit = if info.rfc {
+        if bits >= 32 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        }
+    } else {
+        info.paths - 1
+    };
     if let Some((i, v)) = entries.iter().enumerate().find(|(_, &v)| v as u64 > limit) {
         return Err(format!("{}: entry {i} is {v}, more than {limit}", a.map).into());
     }
@@ -389,7 +418,13 @@ pub fn run(args: SwitchArgs, default_socket: PathBuf) -> Result {
             return Err(format!("{}: --userland needs an RFC-form switch", a.dev).into());
         }
         if entries.len() as u64 > info.regions() {
-            return Err(format!("{}: the map has {} entries, the device only {} regions", a.dev, entries.len(), info.regions()).into());
+            return Err(format!(
+                "{}: the map has {} entries, the device only {} regions",
+                a.dev,
+                entries.len(),
+                info.regions()
+            )
+            .into());
         }
         upload_messages(&mut c, &info.name, info.start, &entries, progress)?
     };

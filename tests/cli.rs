@@ -32,7 +32,9 @@ fn exec_starts_a_daemon_when_none_answers() {
     let _ = std::fs::remove_dir_all(&dir);
     let socket = dir.join("sub/control.sock");
     let sock = socket.to_string_lossy().into_owned();
-    let run = |args: &[&str]| Command::new(bin()).args(["exec", "--socket", &sock, "--", DMSETUP]).args(args).output().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin()).args(["exec", "--socket", &sock, "--", DMSETUP]).args(args).output().unwrap()
+    };
     let out = run(&["version"]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     // The same daemon answers the second client: the device made by one is seen by the next.
@@ -66,7 +68,11 @@ fn unprivileged_peers_may_read_but_not_change_state() {
             .args(args)
             .output()
             .unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     let (code, out, _) = as_nobody(&["ls"]);
     assert_eq!((code, out.starts_with("mine\t(")), (Some(0), true));

@@ -209,7 +209,10 @@ fn finish(mut child: Child) -> Out {
 fn version() {
     let d = Daemon::start();
     let [maj, min, patch] = dmemu::ioctl::layout::DM_VERSION;
-    ok(d.dmsetup(&["version"]), &format!("Library version:   1.02.185 (2022-05-18)\nDriver version:    {maj}.{min}.{patch}\n"));
+    ok(
+        d.dmsetup(&["version"]),
+        &format!("Library version:   1.02.185 (2022-05-18)\nDriver version:    {maj}.{min}.{patch}\n"),
+    );
 }
 
 #[test]
@@ -428,7 +431,9 @@ fn deps() {
     ok(d.dmsetup(&["deps", "-o", "devname", "a"]), "1 dependencies\t: (251, 0)\n");
     ok(
         d.dmsetup(&["deps"]),
-        &format!("a: 1 dependencies\t: (251, 0)\nb: 1 dependencies\t: ({major}, 0)\nc: 1 dependencies\t: ({major}, 1)\n"),
+        &format!(
+            "a: 1 dependencies\t: (251, 0)\nb: 1 dependencies\t: ({major}, 0)\nc: 1 dependencies\t: ({major}, 1)\n"
+        ),
     );
     ok(d.dmsetup(&["create", "none", "--notable"]), "");
     ok(d.dmsetup(&["deps", "none"]), "0 dependencies\t:\n");
@@ -706,7 +711,11 @@ fn create_errors() {
     ok(d.dmsetup(&["create", "a", "-u", "UUID-A", "--table", "0 100 zero"]), "");
 
     refused(&d, &["create", "a", "--table", "0 100 zero"], &ioctl_failed("create", "a", "", EBUSY));
-    refused(&d, &["create", "b", "-u", "UUID-A", "--table", "0 100 zero"], &ioctl_failed("create", "b", "UUID-A", EBUSY));
+    refused(
+        &d,
+        &["create", "b", "-u", "UUID-A", "--table", "0 100 zero"],
+        &ioctl_failed("create", "b", "UUID-A", EBUSY),
+    );
 
     // Table errors are EINVAL from the load; libdm then removes the half-made device, so minor 1
     // is free again for the next attempt.

@@ -18,10 +18,10 @@ use common::Daemon;
 use dmemu::client::{Client, IoctlBuf, IoctlResult};
 use dmemu::dm::DevNum;
 use dmemu::ioctl::layout::{
-    dm_ioctl_request, DmCmd, DmFlags, DmIoctl, DmTargetMsg, DmTargetSpec, DM_IOCTL_MIN_SIZE,
-    DM_IOCTL_SIZE, DM_IOCTL_TYPE, DM_MAX_DATA_SIZE, DM_MAX_TARGETS, DM_MPATH_PROBE_PATHS,
-    DM_NAME_LEN, DM_TARGET_MSG_MESSAGE_OFFSET, DM_TARGET_SPEC_ALIGN, DM_TARGET_SPEC_SIZE,
-    DM_UUID_LEN, DM_VERSION, DM_VERSION_BYTES, DM_VERSION_MAJOR, DM_VERSION_MINOR,
+    dm_ioctl_request, DmCmd, DmFlags, DmIoctl, DmTargetMsg, DmTargetSpec, DM_IOCTL_MIN_SIZE, DM_IOCTL_SIZE,
+    DM_IOCTL_TYPE, DM_MAX_DATA_SIZE, DM_MAX_TARGETS, DM_MPATH_PROBE_PATHS, DM_NAME_LEN, DM_TARGET_MSG_MESSAGE_OFFSET,
+    DM_TARGET_SPEC_ALIGN, DM_TARGET_SPEC_SIZE, DM_UUID_LEN, DM_VERSION, DM_VERSION_BYTES, DM_VERSION_MAJOR,
+    DM_VERSION_MINOR,
 };
 use dmemu::server::frame::{self, FrameHeader, Kind, HEADER_LEN, MAGIC, MAX_IOCTL_PAYLOAD};
 use libc::{EBUSY, EFAULT, EINTR, EINVAL, ENOTTY, ENXIO, EOVERFLOW};
@@ -106,11 +106,11 @@ fn exact(b: IoctlBuf) -> IoctlBuf {
 
 /// A valid three-target load: `zero`, `error` with ignored words, `zero` (24 sectors).
 fn three_target_load(name: &str) -> IoctlBuf {
-    exact(
-        IoctlBuf::new(DmCmd::TableLoad)
-            .name(name)
-            .table([(0, 8, "zero", ""), (8, 8, "error", "a b c"), (16, 8, "zero", "")]),
-    )
+    exact(IoctlBuf::new(DmCmd::TableLoad).name(name).table([
+        (0, 8, "zero", ""),
+        (8, 8, "error", "a b c"),
+        (16, 8, "zero", ""),
+    ]))
 }
 
 fn one_target_load(name: &str) -> IoctlBuf {
@@ -220,9 +220,7 @@ fn must_not_exist(c: &mut Client, name: &str) {
 /// The target count of `name`'s inactive table (0 when it has none).
 #[track_caller]
 fn inactive_targets(c: &mut Client, name: &str) -> u32 {
-    let b = IoctlBuf::new(DmCmd::TableStatus)
-        .name(name)
-        .flags(DmFlags::QUERY_INACTIVE_TABLE | DmFlags::STATUS_TABLE);
+    let b = IoctlBuf::new(DmCmd::TableStatus).name(name).flags(DmFlags::QUERY_INACTIVE_TABLE | DmFlags::STATUS_TABLE);
     let r = run(c, &b);
     assert_ok(&r, &format!("inactive table of {name}"));
     let h = r.header();
@@ -240,11 +238,8 @@ fn finish(d: &Daemon, names: &[&str]) {
     assert_serves(d, "the test");
     let out = d.dmsetup(&["ls"]);
     let ls = out.ok();
-    let mut listed: Vec<&str> = ls
-        .lines()
-        .filter(|l| !l.starts_with("No devices found"))
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
+    let mut listed: Vec<&str> =
+        ls.lines().filter(|l| !l.starts_with("No devices found")).filter_map(|l| l.split_whitespace().next()).collect();
     listed.sort_unstable();
     let mut want = names.to_vec();
     want.sort_unstable();
@@ -575,8 +570,15 @@ fn create_with_bad_names_and_keys() {
     busy_minor.header.dev = keep.dev;
     assert_err(&run(&mut c, &busy_minor), ENXIO, "create with the persistent minor of keep");
     assert_err(&create(&mut c, "keep"), EBUSY, "create keep twice");
-    assert_ok_header(&run(&mut c, &IoctlBuf::new(DmCmd::DevCreate).name("both").uuid("u-both")), "create with name and uuid");
-    assert_err(&run(&mut c, &IoctlBuf::new(DmCmd::DevCreate).name("other").uuid("u-both")), EBUSY, "create with a taken uuid");
+    assert_ok_header(
+        &run(&mut c, &IoctlBuf::new(DmCmd::DevCreate).name("both").uuid("u-both")),
+        "create with name and uuid",
+    );
+    assert_err(
+        &run(&mut c, &IoctlBuf::new(DmCmd::DevCreate).name("other").uuid("u-both")),
+        EBUSY,
+        "create with a taken uuid",
+    );
     for n in ["clash", "other", "control", "only-uuid"] {
         must_not_exist(&mut c, n);
     }
@@ -637,11 +639,8 @@ fn lookup_key_combinations() {
             assert_serves(&d, &what);
         }
         // DEV_WAIT would block on a found device; the others must all miss.
-        let mut combos = vec![
-            ("uuid+dev", keyed(cmd).uuid("k-uuid")),
-            ("name+dev", keyed(cmd).name("k")),
-            ("no key", keyed(cmd)),
-        ];
+        let mut combos =
+            vec![("uuid+dev", keyed(cmd).uuid("k-uuid")), ("name+dev", keyed(cmd).name("k")), ("no key", keyed(cmd))];
         combos[0].1.header.dev = k.dev;
         combos[1].1.header.dev = k.dev;
         for (what, b) in combos {
@@ -682,7 +681,8 @@ fn data_start_out_of_range_is_einval() {
     let load = three_target_load("ds");
     for b in [&rename, &msg, &geo, &load] {
         let len = b.bytes().len();
-        let mut starts = vec![0, 1, 8, 16, 304, len, len + 1, len + 4096, 0x7fff_ffff, u32::MAX as usize, u32::MAX as usize - 7];
+        let mut starts =
+            vec![0, 1, 8, 16, 304, len, len + 1, len + 4096, 0x7fff_ffff, u32::MAX as usize, u32::MAX as usize - 7];
         match b.cmd {
             // Past the end, or the string/struct starts on the last byte(s) only.
             DmCmd::DevRename | DmCmd::DevSetGeometry => starts.push(len - 1),
@@ -930,12 +930,16 @@ fn missing_device_wins_over_malformed_payloads() {
         let base = load.bytes();
         let offs = spec_offsets(&base);
         let mut broken: Vec<(&str, Vec<u8>)> = Vec::new();
-        for (what, count) in [("target_count 0", 0), ("target_count > max", DM_MAX_TARGETS + 1), ("target_count u32::MAX", u32::MAX)] {
+        for (what, count) in
+            [("target_count 0", 0), ("target_count > max", DM_MAX_TARGETS + 1), ("target_count u32::MAX", u32::MAX)]
+        {
             let mut b = base.clone();
             edit_header(&mut b, |h| h.target_count = count);
             broken.push((what, b));
         }
-        for (what, start) in [("data_start 0", 0u32), ("data_start 305", DM_IOCTL_MIN_SIZE as u32), ("data_start u32::MAX", u32::MAX)] {
+        for (what, start) in
+            [("data_start 0", 0u32), ("data_start 305", DM_IOCTL_MIN_SIZE as u32), ("data_start u32::MAX", u32::MAX)]
+        {
             let mut b = base.clone();
             edit_header(&mut b, |h| h.data_start = start);
             broken.push((what, b));
@@ -1066,8 +1070,19 @@ fn bad_payload_strings_are_einval() {
 
     let geo = |g: &str| exact(IoctlBuf::new(DmCmd::DevSetGeometry).name("p").string(g));
     let bad_geometry = [
-        "", "1 1 1", "1 1 1 0 0", "1 1 1 0 ", "1 1 1 0x", "-1 1 1 0", "+1 1 1 0", "a b c d", "1,1,1,0",
-        "65536 1 1 0", "1 256 1 0", "1 1 256 0", "2 2 2 9",
+        "",
+        "1 1 1",
+        "1 1 1 0 0",
+        "1 1 1 0 ",
+        "1 1 1 0x",
+        "-1 1 1 0",
+        "+1 1 1 0",
+        "a b c d",
+        "1,1,1,0",
+        "65536 1 1 0",
+        "1 256 1 0",
+        "1 1 256 0",
+        "2 2 2 9",
     ];
     for g in bad_geometry {
         let what = format!("geometry {g:?}");
@@ -1244,8 +1259,20 @@ fn frame_with_nonzero_flags_closes_only_that_connection() {
 fn frame_with_unknown_kind_closes_only_that_connection() {
     // Kinds that are not client requests per the declared frame table (docs/control-socket.md):
     // unassigned numbers and the daemon→client kinds.
-    let candidates = [0u16, 6, 0x7f, 0x80, Kind::IoctlReply as u16, Kind::PlistReply as u16, Kind::HelloReply as u16, Kind::Event as u16, 0x1234, u16::MAX];
-    let kinds: Vec<u16> = candidates.into_iter().filter(|&k| Kind::from_u16(k).and_then(Kind::max_request_len).is_none()).collect();
+    let candidates = [
+        0u16,
+        6,
+        0x7f,
+        0x80,
+        Kind::IoctlReply as u16,
+        Kind::PlistReply as u16,
+        Kind::HelloReply as u16,
+        Kind::Event as u16,
+        0x1234,
+        u16::MAX,
+    ];
+    let kinds: Vec<u16> =
+        candidates.into_iter().filter(|&k| Kind::from_u16(k).and_then(Kind::max_request_len).is_none()).collect();
     assert!(kinds.len() >= 8, "{kinds:?}");
     for kind in kinds {
         abuse_and_finish(&format!("kind {kind:#x}"), Closes::Daemon, |_, s| {
@@ -1288,9 +1315,13 @@ fn half_a_frame_then_disconnect_closes_only_that_connection() {
     let whole = ioctl_frame(DmCmd::Version.request(), &v);
     for cut in [1, HEADER_LEN / 2, HEADER_LEN - 1, HEADER_LEN + 4, whole.len() - 1] {
         let part = whole[..cut].to_vec();
-        abuse_and_finish(&format!("{cut} of {} frame bytes, then disconnect", whole.len()), Closes::Client, move |_, s| {
-            s.write_all(&part).unwrap();
-        });
+        abuse_and_finish(
+            &format!("{cut} of {} frame bytes, then disconnect", whole.len()),
+            Closes::Client,
+            move |_, s| {
+                s.write_all(&part).unwrap();
+            },
+        );
     }
     // A header announcing a large (in-bound) payload, a little of it, then gone.
     abuse_and_finish("a 64 MiB IOCTL frame cut after 100 bytes", Closes::Client, |_, s| {
@@ -1444,7 +1475,8 @@ fn client_that_never_reads_does_not_block_others() {
     let mut victim = client(&d);
     victim.stream().set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let r = victim.run(&IoctlBuf::new(DmCmd::DevCreate).name("victim"));
-    let r = r.unwrap_or_else(|e| panic!("a create on another connection got no reply while one client does not read ({e})"));
+    let r = r
+        .unwrap_or_else(|e| panic!("a create on another connection got no reply while one client does not read ({e})"));
     assert_ok_header(&r, "create while another client does not read");
     assert_ok(&run(&mut pre, &IoctlBuf::new(DmCmd::Version)), "the earlier connection");
     drop(hog);
@@ -1485,7 +1517,12 @@ fn expected_error_bytes(buf: &[u8]) -> Vec<u8> {
     let h = header_of(buf);
     let version_ok = h.version[0] == DM_VERSION_MAJOR && h.version[1] <= DM_VERSION_MINOR;
     let size_ok = (DM_IOCTL_MIN_SIZE as u32..=DM_MAX_DATA_SIZE).contains(&h.data_size);
-    if version_ok && buf.len() >= DM_IOCTL_MIN_SIZE && size_ok && h.data_size as usize <= buf.len() && h.flags().contains(DmFlags::SECURE_DATA) {
+    if version_ok
+        && buf.len() >= DM_IOCTL_MIN_SIZE
+        && size_ok
+        && h.data_size as usize <= buf.len()
+        && h.flags().contains(DmFlags::SECURE_DATA)
+    {
         vec![0; h.data_size as usize]
     } else {
         version_bytes()
@@ -1723,4 +1760,3 @@ fn fuzz_table_load_mutations() {
     assert!(out.ok().contains("fz"), "{out:?}");
     finish(&d, &["fz"]);
 }
-

@@ -212,7 +212,9 @@ fn exec_starts_a_daemon_that_serves_dev_mapper() {
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("control.sock");
     let fuse = dir.join("fuse");
-    let exec = |args: &[&str]| Command::new(bin()).arg("exec").arg("--socket").arg(&socket).arg("--").args(args).output().unwrap();
+    let exec = |args: &[&str]| {
+        Command::new(bin()).arg("exec").arg("--socket").arg(&socket).arg("--").args(args).output().unwrap()
+    };
     let created = exec(&["dmsetup", "create", "auto", "--table", "0 2048 zero"]);
     let size = exec(&["blockdev", "--getsize64", "/dev/mapper/auto"]);
     let pids = daemons_for(&socket);

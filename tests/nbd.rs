@@ -133,7 +133,14 @@ impl Haggle {
                 (t, _) => return Err(t),
             }
         }
-        Ok(Nbd { s: self.s, structured, size: size.expect("NBD_INFO_EXPORT before ACK"), flags, cookie: 0, reads: HashMap::new() })
+        Ok(Nbd {
+            s: self.s,
+            structured,
+            size: size.expect("NBD_INFO_EXPORT before ACK"),
+            flags,
+            cookie: 0,
+            reads: HashMap::new(),
+        })
     }
 }
 
@@ -475,11 +482,13 @@ fn writes_sent_while_suspended_land_by_the_new_table() {
     let cookies: Vec<u64> = (8..16u64).map(|i| c.send(CMD_WRITE, 0, i * 4096, 4096, &pattern(100 + i, 4096))).collect();
     d.dmsetup(&["reload", "sw", "--table", &format!("0 2048 linear {b} 0")]).ok();
     d.dmsetup(&["resume", "sw"]).ok();
-    let mut answered: Vec<u64> = (0..8).map(|_| {
-        let (k, r) = c.recv();
-        assert_eq!(r, Ok(vec![]));
-        k
-    }).collect();
+    let mut answered: Vec<u64> = (0..8)
+        .map(|_| {
+            let (k, r) = c.recv();
+            assert_eq!(r, Ok(vec![]));
+            k
+        })
+        .collect();
     answered.sort();
     assert_eq!(answered, cookies);
     for i in 0..16u64 {
@@ -492,10 +501,13 @@ fn writes_sent_while_suspended_land_by_the_new_table() {
 #[test]
 fn write_stream_through_suspend_reload_resume_loses_nothing() {
     let d = Daemon::start();
-    let a = d.file("a.img", 8192);
-    let b = d.file("b.img", 8192);
-    d.dmsetup(&["create", "ws", "--table", &format!("0 8192 linear {a} 0")]).ok();
-    let blocks = 8192 * 512 / 4096;
+    // Far more blocks than the stream can write while dmsetup suspends, reloads and resumes, so it
+    // is still running on both sides of the swap (it stops only when told to).
+    const SECTORS: u64 = 262_144;
+    let a = d.file("a.img", SECTORS);
+    let b = d.file("b.img", SECTORS);
+    d.dmsetup(&["create", "ws", "--table", &format!("0 {SECTORS} linear {a} 0")]).ok();
+    let blocks = SECTORS * 512 / 4096;
     let acked = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut c = open(&d, "ws");
@@ -518,7 +530,7 @@ fn write_stream_through_suspend_reload_resume_loses_nothing() {
     }
     d.dmsetup(&["suspend", "ws"]).ok();
     let at_suspend = acked.load(Ordering::SeqCst);
-    d.dmsetup(&["reload", "ws", "--table", &format!("0 8192 linear {b} 0")]).ok();
+    d.dmsetup(&["reload", "ws", "--table", &format!("0 {SECTORS} linear {b} 0")]).ok();
     d.dmsetup(&["resume", "ws"]).ok();
     // Let the stream run on the new table for a while, then stop it.
     let after = acked.load(Ordering::SeqCst);
@@ -542,7 +554,10 @@ fn write_stream_through_suspend_reload_resume_loses_nothing() {
         }
     }
     let split = split.expect("some writes after the resume");
-    assert!(split <= at_suspend + 1, "block {split} landed on the old table after the suspend ({at_suspend} acknowledged then)");
+    assert!(
+        split <= at_suspend + 1,
+        "block {split} landed on the old table after the suspend ({at_suspend} acknowledged then)"
+    );
     assert!(split >= at_suspend, "acknowledged before the suspend, yet on the new table");
 }
 

@@ -30,7 +30,10 @@ fn nbsd_and_dmsetup_see_each_others_devices() {
         "Printing Device info for:\nDevice name: \t\tb\nDevice uuid: \t\tU-b\nDevice minor: \t\t1\nDevice target number: \t1\nDevice flags: \t\t32\n"
     );
     assert_eq!(d.nbsd(&["table", "b"], None).ok(), "Getting device table for device b\n         0          8 linear\n");
-    assert_eq!(d.nbsd(&["status", "a"], None).ok(), "Getting device table for device a\n         0         16 linear\n        16         16 zero\n");
+    assert_eq!(
+        d.nbsd(&["status", "a"], None).ok(),
+        "Getting device table for device a\n         0         16 linear\n        16         16 zero\n"
+    );
     assert_eq!(d.nbsd(&["deps", "b"], None).ok(), format!("Device b dependencies \nmajor: {major} minor: 0\n"));
 
     // State changes through one face show through the other.
@@ -59,7 +62,10 @@ fn nbsd_version_targets_and_table_files() {
     assert_eq!(d.nbsd(&["version"], None).ok(), "Library protocol version 4:0:0\nKernel protocol version 4:16:0\n");
     let targets = d.nbsd(&["targets"], None);
     // Registration order, each record followed by a blank line.
-    assert!(targets.ok().starts_with("Target name: error\nTarget version 1.7.0\n\nTarget name: linear\n"), "{targets:?}");
+    assert!(
+        targets.ok().starts_with("Target name: error\nTarget version 1.7.0\n\nTarget name: linear\n"),
+        "{targets:?}"
+    );
     let table = d.path("t.table");
     std::fs::write(&table, "0 8 zero\n\n8 8 error\n").unwrap();
     d.nbsd(&["create", "t"], None).ok();
@@ -153,12 +159,19 @@ fn unprivileged_peers_get_eperm_for_privileged_commands() {
             .args(args)
             .output()
             .unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     // kauth lets anyone list and query, and only the privileged change state (§2.1).
     assert_eq!(as_nobody(&["ls"]), (Some(0), "Device name: mine, device minor: 0 \n".into(), String::new()));
     let (code, _, err) = as_nobody(&["remove", "mine"]);
-    assert_eq!((code, err.as_str()), (Some(1), "dmemu: dmctl_dev_remove: libdm_task_run failed.: Operation not permitted\n"));
+    assert_eq!(
+        (code, err.as_str()),
+        (Some(1), "dmemu: dmctl_dev_remove: libdm_task_run failed.: Operation not permitted\n")
+    );
     assert_eq!(d.nbsd(&["ls"], None).ok(), "Device name: mine, device minor: 0 \n");
 }
 

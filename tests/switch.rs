@@ -81,7 +81,10 @@ fn rfc_form_create_table_status_upload() {
         .output()
         .unwrap();
     assert!(up.status.success(), "{up:?}");
-    assert_eq!(String::from_utf8_lossy(&up.stdout).split(" (").next().unwrap(), "rfc: 32 regions in 1 IpcPgTable messages");
+    assert_eq!(
+        String::from_utf8_lossy(&up.stdout).split(" (").next().unwrap(),
+        "rfc: 32 regions in 1 IpcPgTable messages"
+    );
     assert_eq!(d.dmsetup(&["status", "rfc"]).ok(), status("00c0ffee", "00000007"));
     assert_eq!(d.dmsetup(&["table", "rfc"]).ok(), format!("0 2048 switch 3 64 {} 0 {} 8 {} 0\n", n[0], n[1], n[2]));
     // A new table starts without a page table (the seed's context is per constructed target).
@@ -187,7 +190,10 @@ fn every_ipc_pg_table_check() {
     let m = msg(pg(rfc, 3, 2, 32, 0, 17), &e16);
     assert_eq!(upload(&d, &m[..m.len() - 1]), inv("incomplete message"));
     for dev in [(major, 7), (major, 1), (major, 2), (major + 1, 0), (major, 1 << 20)] {
-        assert_eq!(upload(&d, &msg(pg(dev, 3, 2, 32, 0, 16), &e16)), inv(&format!("invalid target device {}:{}", dev.0, dev.1)));
+        assert_eq!(
+            upload(&d, &msg(pg(dev, 3, 2, 32, 0, 16), &e16)),
+            inv(&format!("invalid target device {}:{}", dev.0, dev.1))
+        );
     }
     assert_eq!(upload(&d, &msg(pg(rfc, 3, 2, 32, 16, 16), &e16)), inv("missing entries"));
     // Chunks: 0..16, then 16..32.
@@ -239,7 +245,10 @@ fn uploads_reach_an_inactive_table_when_there_is_no_live_one() {
     d.dmsetup(&["load", "late", "--table", &format!("0 2048 switch 3 64 {} 0 {} 0 {} 0", f[0], f[1], f[2])]).ok();
     assert_eq!(upload(&d, &msg(pg((d.major(), 0), 3, 2, 32, 0, 4), &[1, 2, 0, 1])), (0, String::new()));
     d.dmsetup(&["resume", "late"]).ok();
-    assert_eq!(d.dmsetup(&["status", "late"]).ok(), format!("0 2048 switch 3 {} {} {} 5 AAA 00000001 00000002 0 0\n", n[0], n[1], n[2]));
+    assert_eq!(
+        d.dmsetup(&["status", "late"]).ok(),
+        format!("0 2048 switch 3 {} {} {} 5 AAA 00000001 00000002 0 0\n", n[0], n[1], n[2])
+    );
 }
 
 fn upload_cli(d: &Daemon, args: &[&str]) -> std::process::Output {

@@ -124,7 +124,12 @@ fn missing(b: &BlockPath, path: &CStr) -> Missing {
 ///
 /// # Safety
 /// `path` must be NUL-terminated.
-pub unsafe fn open(b: &BlockPath, path: *const libc::c_char, flags: c_int, real: impl Fn(*const libc::c_char, c_int) -> c_int) -> c_int {
+pub unsafe fn open(
+    b: &BlockPath,
+    path: *const libc::c_char,
+    flags: c_int,
+    real: impl Fn(*const libc::c_char, c_int) -> c_int,
+) -> c_int {
     // SAFETY: caller's contract.
     let cpath = unsafe { CStr::from_ptr(path) };
     let excl_create = libc::O_CREAT | libc::O_EXCL;
@@ -151,7 +156,11 @@ pub unsafe fn open(b: &BlockPath, path: *const libc::c_char, flags: c_int, real:
 ///
 /// # Safety
 /// `path` must be NUL-terminated.
-pub unsafe fn fopen(b: &BlockPath, path: *const libc::c_char, real: impl Fn(*const libc::c_char) -> *mut libc::FILE) -> *mut libc::FILE {
+pub unsafe fn fopen(
+    b: &BlockPath,
+    path: *const libc::c_char,
+    real: impl Fn(*const libc::c_char) -> *mut libc::FILE,
+) -> *mut libc::FILE {
     let f = real(b.fuse.as_ptr());
     if !f.is_null() {
         // SAFETY: a FILE we just got.
@@ -240,7 +249,10 @@ unsafe fn range_op(fd: c_int, st: &libc::stat, minor: u64, arg: *mut c_void, mod
     // SAFETY: the caller's `u64[2]`.
     let (start, len) = unsafe { (arg.cast::<u64>().read_unaligned(), arg.cast::<u64>().add(1).read_unaligned()) };
     let size = st.st_size as u64;
-    if !start.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) || start.checked_add(len).is_none_or(|end| end > size) {
+    if !start.is_multiple_of(SECTOR)
+        || !len.is_multiple_of(SECTOR)
+        || start.checked_add(len).is_none_or(|end| end > size)
+    {
         return fail(libc::EINVAL);
     }
     if len == 0 {
@@ -254,7 +266,13 @@ unsafe fn range_op(fd: c_int, st: &libc::stat, minor: u64, arg: *mut c_void, mod
 ///
 /// # Safety
 /// As for the real ioctl: `arg` must be what `request` expects.
-pub unsafe fn ioctl(fd: c_int, st: &libc::stat, request: c_ulong, arg: *mut c_void, real: impl FnOnce() -> c_int) -> c_int {
+pub unsafe fn ioctl(
+    fd: c_int,
+    st: &libc::stat,
+    request: c_ulong,
+    arg: *mut c_void,
+    real: impl FnOnce() -> c_int,
+) -> c_int {
     let Some(minor) = st.st_ino.checked_sub(INO_BASE) else { return real() };
     let size = st.st_size as u64;
     // SAFETY (all `put`s): the ioctl's own argument type, per linux/fs.h and block/ioctl.c.

@@ -2,8 +2,8 @@
 //! stat results that look like the misc character device 10:236.
 
 use crate::fds;
-use crate::netbsd;
 use crate::frame::{self, Reader};
+use crate::netbsd;
 use crate::stat::FakeStat;
 use crate::sys::{self, set_errno};
 use libc::{c_int, c_ulong, c_void};
@@ -47,9 +47,7 @@ static LOCKS: [Mutex<()>; 32] = [const { Mutex::new(()) }; 32];
 
 /// Holds the exchange lock of the connection whose socket has inode `ino`.
 pub fn exchange_lock(ino: u64) -> MutexGuard<'static, ()> {
-    LOCKS[(ino % LOCKS.len() as u64) as usize]
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    LOCKS[(ino % LOCKS.len() as u64) as usize].lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `ioctl(fd, request, arg)` on a control fd whose socket has inode `ino`.
@@ -76,11 +74,7 @@ pub unsafe fn ioctl(fd: c_int, ino: u64, request: c_ulong, arg: *mut c_void) -> 
     let buf = arg.cast::<u8>();
     // SAFETY: every DM request starts with `struct dm_ioctl`; data_size is the u32 at offset 12.
     let data_size = unsafe { buf.add(12).cast::<u32>().read_unaligned() };
-    let send_len = if data_size > MAX_DATA {
-        DM_IOCTL_SIZE
-    } else {
-        data_size.max(MIN_SEND)
-    };
+    let send_len = if data_size > MAX_DATA { DM_IOCTL_SIZE } else { data_size.max(MIN_SEND) };
     // Never write past what the caller said its buffer holds (linux-dm-abi.md §2.1 step 9).
     let cap = data_size.max(MIN_SEND);
 
@@ -98,11 +92,7 @@ pub unsafe fn ioctl(fd: c_int, ino: u64, request: c_ulong, arg: *mut c_void) -> 
         return fail(libc::EIO);
     }
 
-    let mut rd = Reader {
-        fd,
-        cancel_on_signal: true,
-        cancelled: false,
-    };
+    let mut rd = Reader { fd, cancel_on_signal: true, cancelled: false };
     // SAFETY: `buf` is writable for `cap` bytes (see above).
     let reply = unsafe { read_reply(&mut rd, buf, cap) };
     match reply {

@@ -38,9 +38,7 @@ fn socket_addr() -> Option<(libc::sockaddr_un, libc::socklen_t)> {
         // SAFETY: getenv with a NUL-terminated name; the result is copied at once.
         let p = unsafe { libc::getenv(name.as_ptr()) };
         // SAFETY: getenv returns NULL or a NUL-terminated string.
-        (!p.is_null())
-            .then(|| unsafe { CStr::from_ptr(p) }.to_bytes().to_vec())
-            .filter(|v| !v.is_empty())
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_bytes().to_vec()).filter(|v| !v.is_empty())
     };
     // SAFETY: geteuid cannot fail.
     let uid = unsafe { libc::geteuid() };
@@ -94,20 +92,14 @@ pub fn send_all(fd: c_int, parts: &[&[u8]]) -> Result<(), c_int> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut done = 0;
     while done < total {
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; 4];
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 4];
         let (mut n, mut skip) = (0, done);
         for p in parts {
             if skip >= p.len() {
                 skip -= p.len();
                 continue;
             }
-            iov[n] = libc::iovec {
-                iov_base: p[skip..].as_ptr() as *mut c_void,
-                iov_len: p.len() - skip,
-            };
+            iov[n] = libc::iovec { iov_base: p[skip..].as_ptr() as *mut c_void, iov_len: p.len() - skip };
             skip = 0;
             n += 1;
         }
@@ -134,11 +126,7 @@ pub fn send_all(fd: c_int, parts: &[&[u8]]) -> Result<(), c_int> {
 
 /// Blocks until `fd` is ready for `events` (only reached if the caller made the socket non-blocking).
 fn wait(fd: c_int, events: libc::c_short) -> c_int {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
+    let mut p = libc::pollfd { fd, events, revents: 0 };
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut p, 1, -1) }
 }
@@ -280,29 +268,14 @@ fn hello() -> Option<Facts> {
 
 fn hello_on(fd: c_int) -> Option<Facts> {
     // A wedged daemon must not hang an innocent fopen("/proc/devices") forever.
-    let tv = libc::timeval {
-        tv_sec: 5,
-        tv_usec: 0,
-    };
+    let tv = libc::timeval { tv_sec: 5, tv_usec: 0 };
     for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
         let sz = std::mem::size_of_val(&tv) as libc::socklen_t;
         // SAFETY: valid option value.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&tv as *const libc::timeval).cast(),
-                sz,
-            )
-        };
+        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&tv as *const libc::timeval).cast(), sz) };
     }
     send_all(fd, &[&header(HELLO, 0)]).ok()?;
-    let mut rd = Reader {
-        fd,
-        cancel_on_signal: false,
-        cancelled: false,
-    };
+    let mut rd = Reader { fd, cancel_on_signal: false, cancelled: false };
     let (kind, len) = rd.next_frame().ok()?;
     if kind != HELLO_REPLY || len > 64 * 1024 {
         return None;
@@ -317,20 +290,14 @@ fn parse_hello(body: &[u8]) -> Option<Facts> {
     let (mut major, mut run_dir, mut fuse_dir) = (None, None, None);
     for line in body.split(|&c| c == b'\n') {
         if let Some(v) = line.strip_prefix(b"major=") {
-            major = std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.trim().parse::<u32>().ok());
+            major = std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u32>().ok());
         } else if let Some(v) = line.strip_prefix(b"run_dir=") {
             run_dir = abs_dir(v);
         } else if let Some(v) = line.strip_prefix(b"fuse_dir=") {
             fuse_dir = abs_dir(v);
         }
     }
-    Some(Facts {
-        major: major?,
-        run_dir: run_dir?,
-        fuse_dir,
-    })
+    Some(Facts { major: major?, run_dir: run_dir?, fuse_dir })
 }
 
 /// An absolute directory path without trailing slashes, or None.

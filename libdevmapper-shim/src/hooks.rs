@@ -13,9 +13,7 @@ use crate::paths::{self, classify, Target};
 use crate::procdevices;
 use crate::stat::{self as fake, StatBuf};
 use crate::sys::{self, pass, set_errno};
-use libc::{
-    c_char, c_int, c_long, c_uint, c_ulong, c_void, dev_t, mode_t, size_t, ssize_t, DIR, FILE,
-};
+use libc::{c_char, c_int, c_long, c_uint, c_ulong, c_void, dev_t, mode_t, size_t, ssize_t, DIR, FILE};
 use std::ffi::CStr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::null_mut;
@@ -62,18 +60,12 @@ fn guard<R>(fail: R, body: impl FnOnce() -> R) -> R {
 // ---- open family -------------------------------------------------------------------------------
 
 /// `real(path, flags)` is the real function with the caller's other arguments.
-unsafe fn open_common(
-    path: *const c_char,
-    flags: c_int,
-    real: impl Fn(*const c_char, c_int) -> c_int,
-) -> c_int {
+unsafe fn open_common(path: *const c_char, flags: c_int, real: impl Fn(*const c_char, c_int) -> c_int) -> c_int {
     match classify(path) {
         Target::Pass => real(path, flags),
         Target::Control => control::open(flags),
         // Only a plain read-only open is served from a copy (not O_PATH/O_DIRECTORY or writes).
-        Target::ProcDevices
-            if flags & (libc::O_ACCMODE | libc::O_PATH | libc::O_DIRECTORY) == libc::O_RDONLY =>
-        {
+        Target::ProcDevices if flags & (libc::O_ACCMODE | libc::O_PATH | libc::O_DIRECTORY) == libc::O_RDONLY => {
             procdevices::open(flags & libc::O_CLOEXEC != 0).unwrap_or_else(|| real(path, flags))
         }
         Target::ProcDevices => real(path, flags),
@@ -140,11 +132,7 @@ unsafe fn fopen_common(
     mode: *const c_char,
     real: impl Fn(*const c_char) -> *mut FILE,
 ) -> *mut FILE {
-    let m = if mode.is_null() {
-        &b""[..]
-    } else {
-        CStr::from_ptr(mode).to_bytes()
-    };
+    let m = if mode.is_null() { &b""[..] } else { CStr::from_ptr(mode).to_bytes() };
     let cloexec = m.contains(&b'e');
     match classify(path) {
         Target::Pass => real(path),
@@ -158,15 +146,13 @@ unsafe fn fopen_common(
             wrap(fd, mode)
         }
         // Only reading is served from a copy; a write attempt gets the real file's answer.
-        Target::ProcDevices if m.first() == Some(&b'r') && !m.contains(&b'+') => {
-            match procdevices::open(cloexec) {
-                Some(fd) => match wrap(fd, mode) {
-                    f if f.is_null() => real(path),
-                    f => f,
-                },
-                None => real(path),
-            }
-        }
+        Target::ProcDevices if m.first() == Some(&b'r') && !m.contains(&b'+') => match procdevices::open(cloexec) {
+            Some(fd) => match wrap(fd, mode) {
+                f if f.is_null() => real(path),
+                f => f,
+            },
+            None => real(path),
+        },
         Target::ProcDevices => real(path),
     }
 }
@@ -191,40 +177,22 @@ unsafe fn redirect<R>(path: *const c_char, real: impl Fn(*const c_char) -> R) ->
 
 #[no_mangle]
 pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut DIR {
-    guard(null_mut(), || {
-        redirect(path, |p| pass!(opendir: OpendirFn, null_mut(); p))
-    })
+    guard(null_mut(), || redirect(path, |p| pass!(opendir: OpendirFn, null_mut(); p)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn readlink(path: *const c_char, buf: *mut c_char, size: size_t) -> ssize_t {
-    guard(-1, || {
-        redirect(path, |p| pass!(readlink: ReadlinkFn, -1; p, buf, size))
-    })
+    guard(-1, || redirect(path, |p| pass!(readlink: ReadlinkFn, -1; p, buf, size)))
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn readlinkat(
-    dirfd: c_int,
-    path: *const c_char,
-    buf: *mut c_char,
-    size: size_t,
-) -> ssize_t {
-    guard(-1, || {
-        redirect(
-            path,
-            |p| pass!(readlinkat: ReadlinkatFn, -1; dirfd, p, buf, size),
-        )
-    })
+pub unsafe extern "C" fn readlinkat(dirfd: c_int, path: *const c_char, buf: *mut c_char, size: size_t) -> ssize_t {
+    guard(-1, || redirect(path, |p| pass!(readlinkat: ReadlinkatFn, -1; dirfd, p, buf, size)))
 }
 
 // ---- access --------------------------------------------------------------------------------------
 
-unsafe fn access_common(
-    path: *const c_char,
-    mode: c_int,
-    real: impl Fn(*const c_char) -> c_int,
-) -> c_int {
+unsafe fn access_common(path: *const c_char, mode: c_int, real: impl Fn(*const c_char) -> c_int) -> c_int {
     if paths::is_udev_control(path) {
         set_errno(libc::ENOENT);
         return -1;
@@ -244,34 +212,17 @@ unsafe fn access_common(
 
 #[no_mangle]
 pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
-    guard(-1, || {
-        access_common(path, mode, |p| pass!(access: AccessFn, -1; p, mode))
-    })
+    guard(-1, || access_common(path, mode, |p| pass!(access: AccessFn, -1; p, mode)))
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn faccessat(
-    dirfd: c_int,
-    path: *const c_char,
-    mode: c_int,
-    flags: c_int,
-) -> c_int {
-    guard(-1, || {
-        access_common(
-            path,
-            mode,
-            |p| pass!(faccessat: FaccessatFn, -1; dirfd, p, mode, flags),
-        )
-    })
+pub unsafe extern "C" fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int {
+    guard(-1, || access_common(path, mode, |p| pass!(faccessat: FaccessatFn, -1; dirfd, p, mode, flags)))
 }
 
 // ---- stat family -------------------------------------------------------------------------------
 
-unsafe fn stat_path<B: StatBuf>(
-    path: *const c_char,
-    buf: *mut B,
-    real: impl Fn(*const c_char) -> c_int,
-) -> c_int {
+unsafe fn stat_path<B: StatBuf>(path: *const c_char, buf: *mut B, real: impl Fn(*const c_char) -> c_int) -> c_int {
     match classify(path) {
         Target::Control => fake::write(buf, &control::fake_stat()),
         Target::Redirect(p) => real(p.as_ptr()),
@@ -353,18 +304,11 @@ fstatat_hooks! {
 /// glibc has no `newfstatat` symbol (it is the syscall's name), but some code declares and calls it;
 /// the real call then goes to `fstatat`, which is the same thing.
 #[no_mangle]
-pub unsafe extern "C" fn newfstatat(
-    dirfd: c_int,
-    path: *const c_char,
-    buf: *mut Stat,
-    flags: c_int,
-) -> c_int {
+pub unsafe extern "C" fn newfstatat(dirfd: c_int, path: *const c_char, buf: *mut Stat, flags: c_int) -> c_int {
     guard(-1, || {
-        stat_at(dirfd, path, flags, buf, |p| {
-            match sys::real!(newfstatat: FstatatFn<Stat>) {
-                Some(f) => f(dirfd, p, buf, flags),
-                None => pass!(fstatat: FstatatFn<Stat>, -1; dirfd, p, buf, flags),
-            }
+        stat_at(dirfd, path, flags, buf, |p| match sys::real!(newfstatat: FstatatFn<Stat>) {
+            Some(f) => f(dirfd, p, buf, flags),
+            None => pass!(fstatat: FstatatFn<Stat>, -1; dirfd, p, buf, flags),
         })
     })
 }
@@ -377,9 +321,7 @@ pub unsafe extern "C" fn statx(
     mask: c_uint,
     buf: *mut libc::statx,
 ) -> c_int {
-    guard(-1, || {
-        stat_at(dirfd, path, flags, buf, |p| pass!(statx: StatxFn, -1; dirfd, p, flags, mask, buf))
-    })
+    guard(-1, || stat_at(dirfd, path, flags, buf, |p| pass!(statx: StatxFn, -1; dirfd, p, flags, mask, buf)))
 }
 
 // Pre-2.33 glibc ABI (`ver` is _STAT_VER, passed through unchanged).
@@ -428,45 +370,17 @@ fxstatat_hooks! {
 
 #[no_mangle]
 pub unsafe extern "C" fn mknod(path: *const c_char, mode: mode_t, dev: dev_t) -> c_int {
-    guard(-1, || {
-        if paths::is_control(path) {
-            0
-        } else {
-            pass!(mknod: MknodFn, -1; path, mode, dev)
-        }
-    })
+    guard(-1, || if paths::is_control(path) { 0 } else { pass!(mknod: MknodFn, -1; path, mode, dev) })
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn mknodat(
-    dirfd: c_int,
-    path: *const c_char,
-    mode: mode_t,
-    dev: dev_t,
-) -> c_int {
-    guard(-1, || {
-        if paths::is_control(path) {
-            0
-        } else {
-            pass!(mknodat: MknodatFn, -1; dirfd, path, mode, dev)
-        }
-    })
+pub unsafe extern "C" fn mknodat(dirfd: c_int, path: *const c_char, mode: mode_t, dev: dev_t) -> c_int {
+    guard(-1, || if paths::is_control(path) { 0 } else { pass!(mknodat: MknodatFn, -1; dirfd, path, mode, dev) })
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn __xmknod(
-    ver: c_int,
-    path: *const c_char,
-    mode: mode_t,
-    dev: *mut dev_t,
-) -> c_int {
-    guard(-1, || {
-        if paths::is_control(path) {
-            0
-        } else {
-            pass!(__xmknod: XmknodFn, -1; ver, path, mode, dev)
-        }
-    })
+pub unsafe extern "C" fn __xmknod(ver: c_int, path: *const c_char, mode: mode_t, dev: *mut dev_t) -> c_int {
+    guard(-1, || if paths::is_control(path) { 0 } else { pass!(__xmknod: XmknodFn, -1; ver, path, mode, dev) })
 }
 
 #[no_mangle]
@@ -477,13 +391,16 @@ pub unsafe extern "C" fn __xmknodat(
     mode: mode_t,
     dev: *mut dev_t,
 ) -> c_int {
-    guard(-1, || {
-        if paths::is_control(path) {
-            0
-        } else {
-            pass!(__xmknodat: XmknodatFn, -1; ver, dirfd, path, mode, dev)
-        }
-    })
+    guard(
+        -1,
+        || {
+            if paths::is_control(path) {
+                0
+            } else {
+                pass!(__xmknodat: XmknodatFn, -1; ver, dirfd, path, mode, dev)
+            }
+        },
+    )
 }
 
 // ---- fd operations ---------------------------------------------------------------------------
@@ -523,16 +440,12 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
-    guard(-1, || {
-        dup_common(old, Some(new), || pass!(dup2: Dup2Fn, -1; old, new))
-    })
+    guard(-1, || dup_common(old, Some(new), || pass!(dup2: Dup2Fn, -1; old, new)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
-    guard(-1, || {
-        dup_common(old, Some(new), || pass!(dup3: Dup3Fn, -1; old, new, flags))
-    })
+    guard(-1, || dup_common(old, Some(new), || pass!(dup3: Dup3Fn, -1; old, new, flags)))
 }
 
 // glibc ≥ 2.28 programs built with _FILE_OFFSET_BITS=64 (libdevmapper among them) call `fcntl64`.

@@ -19,8 +19,7 @@ struct PlistRef {
 }
 
 /// `_IOWR(0xfd, 0, struct plistref)`: 0xC010FD00 on LP64, 0xC008FD00 on ILP32 (§1.1).
-pub const NETBSD_DM_IOCTL: c_ulong =
-    0xC000_0000 | ((std::mem::size_of::<PlistRef>() as c_ulong) << 16) | 0xfd00;
+pub const NETBSD_DM_IOCTL: c_ulong = 0xC000_0000 | ((std::mem::size_of::<PlistRef>() as c_ulong) << 16) | 0xfd00;
 
 /// The kernel's copy-in limit (§1.2). A longer request is sent cut to this length: the daemon then
 /// answers E2BIG, as the kernel does, without the rest crossing the socket.
@@ -52,11 +51,7 @@ pub unsafe fn ioctl(fd: c_int, ino: u64, arg: *mut c_void) -> c_int {
         return fail(libc::EIO);
     }
     // Proplib requests never block in the daemon: an interrupted read is simply retried.
-    let mut rd = Reader {
-        fd,
-        cancel_on_signal: false,
-        cancelled: false,
-    };
+    let mut rd = Reader { fd, cancel_on_signal: false, cancelled: false };
     match read_reply(&mut rd) {
         Err(frame::Broken) => fail(libc::EIO),
         Ok(Reply::Failed(errno)) => fail(if errno > 0 { errno } else { libc::EIO }),

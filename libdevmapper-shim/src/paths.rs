@@ -28,11 +28,7 @@ pub struct BlockPath {
 }
 
 /// Sysfs prefixes that name a DM device by kernel name.
-const DM_SYSFS: [&[u8]; 3] = [
-    b"/sys/block/dm-",
-    b"/sys/class/block/dm-",
-    b"/sys/devices/virtual/block/dm-",
-];
+const DM_SYSFS: [&[u8]; 3] = [b"/sys/block/dm-", b"/sys/class/block/dm-", b"/sys/devices/virtual/block/dm-"];
 
 /// # Safety
 /// `path` must be NULL or NUL-terminated.
@@ -144,10 +140,7 @@ fn sysfs(b: &[u8]) -> Target {
         if digits == 0 || digits > 10 || rest.get(digits) != Some(&b':') {
             return Target::Pass;
         }
-        let major: u64 = std::str::from_utf8(&rest[..digits])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(u64::MAX);
+        let major: u64 = std::str::from_utf8(&rest[..digits]).ok().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX);
         match frame::facts() {
             Some(f) if u64::from(f.major) == major => Some(f),
             _ => None,

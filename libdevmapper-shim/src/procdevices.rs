@@ -57,10 +57,7 @@ fn read_real() -> Option<Vec<u8>> {
 /// there is no such section). Left as is if the line is already there.
 fn with_dm_line(real: &[u8], major: u32) -> Vec<u8> {
     let entry = format!("{major} device-mapper");
-    if real
-        .split(|&c| c == b'\n')
-        .any(|l| l.trim_ascii() == entry.as_bytes())
-    {
+    if real.split(|&c| c == b'\n').any(|l| l.trim_ascii() == entry.as_bytes()) {
         return real.to_vec();
     }
     let (mut at, mut in_block, mut start) = (None, false, 0);

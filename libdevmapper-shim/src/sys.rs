@@ -30,11 +30,7 @@ macro_rules! real {
         match $crate::sys::resolve(
             &CACHE,
             // SAFETY: the literal ends in exactly one NUL.
-            unsafe {
-                ::std::ffi::CStr::from_bytes_with_nul_unchecked(
-                    concat!(stringify!($name), "\0").as_bytes(),
-                )
-            },
+            unsafe { ::std::ffi::CStr::from_bytes_with_nul_unchecked(concat!(stringify!($name), "\0").as_bytes()) },
         ) {
             0 => None,
             p => Some(unsafe { ::std::mem::transmute::<usize, $ty>(p) }),
@@ -94,15 +90,7 @@ pub fn sys_fstat(fd: c_int) -> Option<libc::stat> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     let empty: *const c_char = c"".as_ptr();
     // SAFETY: valid pointers; AT_EMPTY_PATH makes this fstat(fd).
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_newfstatat,
-            fd,
-            empty,
-            &mut st,
-            libc::AT_EMPTY_PATH,
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_newfstatat, fd, empty, &mut st, libc::AT_EMPTY_PATH) };
     (r == 0).then_some(st)
 }
 

@@ -31,28 +31,78 @@ pub struct SuspendOpts {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     Version,
-    RemoveAll { deferred: bool },
+    RemoveAll {
+        deferred: bool,
+    },
     /// Lists devices whose name and uuid start with the given prefixes (empty = all).
-    ListDevices { name_prefix: String, uuid_prefix: String, with_uuid: bool },
-    DevCreate { name: DmName, uuid: Option<DmUuid>, minor: Option<u32> },
-    DevRemove { key: DevKey, deferred: bool },
+    ListDevices {
+        name_prefix: String,
+        uuid_prefix: String,
+        with_uuid: bool,
+    },
+    DevCreate {
+        name: DmName,
+        uuid: Option<DmUuid>,
+        minor: Option<u32>,
+    },
+    DevRemove {
+        key: DevKey,
+        deferred: bool,
+    },
     /// Rename locates the device by name only (linux-dm-abi.md §2.4).
-    DevRename { name: String, to: RenameTo },
-    DevSuspend { key: DevKey, opts: SuspendOpts },
-    DevResume { key: DevKey, opts: SuspendOpts },
-    DevStatus { key: DevKey },
+    DevRename {
+        name: String,
+        to: RenameTo,
+    },
+    DevSuspend {
+        key: DevKey,
+        opts: SuspendOpts,
+    },
+    DevResume {
+        key: DevKey,
+        opts: SuspendOpts,
+    },
+    DevStatus {
+        key: DevKey,
+    },
     /// Wait until the device's event counter differs from `event_nr`, then report table status.
     /// The engine never blocks: the server checks [`crate::dm::Engine::event_nr`] and waits itself.
-    DevWait { key: DevKey, event_nr: u32, status: StatusType, noflush: bool },
-    TableLoad { key: DevKey, targets: Vec<TargetSpec>, read_only: bool },
-    TableClear { key: DevKey },
-    TableDeps { key: DevKey },
-    TableStatus { key: DevKey, status: StatusType, noflush: bool },
+    DevWait {
+        key: DevKey,
+        event_nr: u32,
+        status: StatusType,
+        noflush: bool,
+    },
+    TableLoad {
+        key: DevKey,
+        targets: Vec<TargetSpec>,
+        read_only: bool,
+    },
+    TableClear {
+        key: DevKey,
+    },
+    TableDeps {
+        key: DevKey,
+    },
+    TableStatus {
+        key: DevKey,
+        status: StatusType,
+        noflush: bool,
+    },
     ListVersions,
-    TargetMsg { key: DevKey, sector: Sectors, message: String },
-    SetGeometry { key: DevKey, geometry: Geometry },
+    TargetMsg {
+        key: DevKey,
+        sector: Sectors,
+        message: String,
+    },
+    SetGeometry {
+        key: DevKey,
+        geometry: Geometry,
+    },
     ArmPoll,
-    GetTargetVersion { name: String },
+    GetTargetVersion {
+        name: String,
+    },
 }
 
 impl Command {
@@ -144,7 +194,11 @@ pub enum Reply {
     Renamed(DevInfo),
     /// DM_DEV_REMOVE: name/uuid from the lookup; everything else echoes the input.
     /// `deferred` is true when the device was open and is now marked for removal on last close.
-    Removed { name: DmName, uuid: Option<DmUuid>, deferred: bool },
+    Removed {
+        name: DmName,
+        uuid: Option<DmUuid>,
+        deferred: bool,
+    },
     DeviceList(Vec<NameEntry>),
     /// TABLE_DEPS: `None` when the chosen table is absent.
     Deps(DevInfo, Option<Vec<DevNum>>),

@@ -164,7 +164,9 @@ impl Engine {
             Command::ListDevices { name_prefix, uuid_prefix, with_uuid } => {
                 Ok(Reply::DeviceList(self.list(&name_prefix, &uuid_prefix, with_uuid)))
             }
-            Command::DevCreate { name, uuid, minor } => self.create(name, uuid, minor).map(|m| Reply::Device(self.info(m, qi))),
+            Command::DevCreate { name, uuid, minor } => {
+                self.create(name, uuid, minor).map(|m| Reply::Device(self.info(m, qi)))
+            }
             Command::DevRemove { key, deferred } => self.remove(&key, deferred),
             Command::DevRename { name, to } => self.rename(&name, to).map(|m| Reply::Renamed(self.info(m, qi))),
             Command::DevSuspend { key, opts } => {
@@ -315,7 +317,9 @@ impl Engine {
     fn reap_deferred(&mut self) {
         // Repeat while progress is made: removing one marked device can free the next one down
         // a stack.
-        while let Some(m) = self.devices.values().filter(|d| d.deferred_remove).map(|d| d.minor).find(|&m| self.open_count(m) == 0) {
+        while let Some(m) =
+            self.devices.values().filter(|d| d.deferred_remove).map(|d| d.minor).find(|&m| self.open_count(m) == 0)
+        {
             tracing::info!("deferred removal of {}", self.devices[&m].name);
             self.destroy(m);
         }

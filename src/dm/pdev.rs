@@ -39,10 +39,16 @@ pub trait DeviceResolver: Send + Sync {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum PdevKind {
-    File { path: String },
-    Block { path: String },
+    File {
+        path: String,
+    },
+    Block {
+        path: String,
+    },
     /// One of dmemu's own devices, by minor.
-    Dm { minor: u32 },
+    Dm {
+        minor: u32,
+    },
 }
 
 /// One underlying device. Tables hold it by `Arc`; it lives while any table uses it.
@@ -65,13 +71,7 @@ pub struct PdevRegistry {
 
 impl PdevRegistry {
     pub fn new(dm_major: u32, file_major: u32) -> Self {
-        Self {
-            dm_major,
-            file_major,
-            live: HashMap::new(),
-            file_minors: HashMap::new(),
-            file_paths: HashMap::new(),
-        }
+        Self { dm_major, file_major, live: HashMap::new(), file_minors: HashMap::new(), file_paths: HashMap::new() }
     }
 
     pub fn dm_major(&self) -> u32 {

@@ -95,7 +95,10 @@ impl Stats {
                 if o == "precise_timestamps" {
                     precise = true;
                 } else if let Some(h) = o.strip_prefix("histogram:") {
-                    histogram = h.split(',').map(|b| parse_u64(b).ok_or_else(|| invalid!("invalid histogram"))).collect::<DmResult<_>>()?;
+                    histogram = h
+                        .split(',')
+                        .map(|b| parse_u64(b).ok_or_else(|| invalid!("invalid histogram")))
+                        .collect::<DmResult<_>>()?;
                     if histogram.windows(2).any(|w| w[0] >= w[1]) || histogram.is_empty() {
                         return Err(invalid!("histogram boundaries must increase"));
                     }
@@ -110,7 +113,9 @@ impl Stats {
         }
         let program_id = rest.first().cloned().unwrap_or_else(|| "-".into());
         let aux = rest.get(1).cloned().unwrap_or_else(|| "-".into());
-        let id = (0..=i32::MAX as u32).find(|i| !self.regions.contains_key(i)).ok_or_else(|| DmError::NoMem("no free region id".into()))?;
+        let id = (0..=i32::MAX as u32)
+            .find(|i| !self.regions.contains_key(i))
+            .ok_or_else(|| DmError::NoMem("no free region id".into()))?;
         self.regions.insert(id, Region { start, len, step, precise, histogram, program_id, aux });
         Ok(format!("{id}"))
     }
@@ -166,8 +171,14 @@ mod tests {
         let mut s = Stats::default();
         assert_eq!(msg(&mut s, "@stats_create - /2").unwrap().unwrap(), "0");
         assert_eq!(msg(&mut s, "@stats_create 10+20 8 1 precise_timestamps dmstats aux").unwrap().unwrap(), "1");
-        assert_eq!(msg(&mut s, "@stats_list").unwrap().unwrap(), "0: 0+100 50 - -\n1: 10+20 8 dmstats aux precise_timestamps\n");
-        assert_eq!(msg(&mut s, "@stats_print 1").unwrap().unwrap(), "10+8 0 0 0 0 0 0 0 0 0 0 0 0 0\n18+8 0 0 0 0 0 0 0 0 0 0 0 0 0\n26+4 0 0 0 0 0 0 0 0 0 0 0 0 0\n");
+        assert_eq!(
+            msg(&mut s, "@stats_list").unwrap().unwrap(),
+            "0: 0+100 50 - -\n1: 10+20 8 dmstats aux precise_timestamps\n"
+        );
+        assert_eq!(
+            msg(&mut s, "@stats_print 1").unwrap().unwrap(),
+            "10+8 0 0 0 0 0 0 0 0 0 0 0 0 0\n18+8 0 0 0 0 0 0 0 0 0 0 0 0 0\n26+4 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+        );
         msg(&mut s, "@stats_delete 0").unwrap();
         assert!(matches!(msg(&mut s, "@stats_delete 0"), Err(DmError::NotFound(_))));
         assert!(matches!(msg(&mut s, "@stats_create 1+0 1"), Err(DmError::Invalid(_))));

@@ -48,7 +48,9 @@ fn resume(e: &mut Engine, n: &str) -> DmResult<Reply> {
 
 fn table(e: &mut Engine, n: &str) -> Vec<String> {
     match run(e, Command::TableStatus { key: name(n), status: StatusType::Table, noflush: false }).unwrap() {
-        Reply::Status(_, Some(t)) => t.into_iter().map(|t| format!("{} {} {} {}", t.start, t.length, t.target_type, t.text)).collect(),
+        Reply::Status(_, Some(t)) => {
+            t.into_iter().map(|t| format!("{} {} {} {}", t.start, t.length, t.target_type, t.text)).collect()
+        }
         r => panic!("{r:?}"),
     }
 }
@@ -95,7 +97,10 @@ fn table_validation_follows_the_kernel() {
 fn striped_maps_chunks_round_robin() {
     let mut e = engine();
     create(&mut e, "s");
-    assert!(matches!(load(&mut e, "s", vec![spec(0, 100, "striped", "2 8 /f/1/1000 0 /f/2/1000 0")]), Err(DmError::Invalid(_))));
+    assert!(matches!(
+        load(&mut e, "s", vec![spec(0, 100, "striped", "2 8 /f/1/1000 0 /f/2/1000 0")]),
+        Err(DmError::Invalid(_))
+    ));
     load(&mut e, "s", vec![spec(0, 64, "striped", "2 8 /f/1/1000 0 /f/2/1000 16")]).unwrap();
     resume(&mut e, "s").unwrap();
     assert_eq!(table(&mut e, "s"), ["0 64 striped 2 8 251:0 0 251:1 16"]);
@@ -136,9 +141,12 @@ fn rename_and_uuid_rules() {
     run(&mut e, Command::DevRename { name: "c".into(), to: u("U1") }).unwrap();
     assert!(matches!(run(&mut e, Command::DevRename { name: "c".into(), to: u("U2") }), Err(DmError::Invalid(_))));
     assert!(matches!(run(&mut e, Command::DevRename { name: "b".into(), to: u("U1") }), Err(DmError::Busy(_))));
-    match run(&mut e, Command::ListDevices { name_prefix: String::new(), uuid_prefix: String::new(), with_uuid: true }).unwrap() {
+    match run(&mut e, Command::ListDevices { name_prefix: String::new(), uuid_prefix: String::new(), with_uuid: true })
+        .unwrap()
+    {
         Reply::DeviceList(l) => {
-            let names: Vec<_> = l.iter().map(|d| (d.name.to_string(), d.uuid.as_ref().map(|u| u.to_string()))).collect();
+            let names: Vec<_> =
+                l.iter().map(|d| (d.name.to_string(), d.uuid.as_ref().map(|u| u.to_string()))).collect();
             assert_eq!(names, [("b".into(), None), ("c".into(), Some("U1".into()))]);
         }
         r => panic!("{r:?}"),
@@ -151,6 +159,13 @@ fn message_without_table_returns_two() {
     create(&mut e, "a");
     let m = run(&mut e, Command::TargetMsg { key: name("a"), sector: Sectors(0), message: "hello".into() }).unwrap();
     assert_eq!(m, Reply::MessageNoTable);
-    assert!(run(&mut e, Command::TargetMsg { key: name("a"), sector: Sectors(0), message: "@cancel_deferred_remove".into() }).is_ok());
-    assert!(matches!(run(&mut e, Command::TargetMsg { key: name("a"), sector: Sectors(0), message: "  ".into() }), Err(DmError::Invalid(_))));
+    assert!(run(
+        &mut e,
+        Command::TargetMsg { key: name("a"), sector: Sectors(0), message: "@cancel_deferred_remove".into() }
+    )
+    .is_ok());
+    assert!(matches!(
+        run(&mut e, Command::TargetMsg { key: name("a"), sector: Sectors(0), message: "  ".into() }),
+        Err(DmError::Invalid(_))
+    ));
 }

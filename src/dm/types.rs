@@ -95,10 +95,7 @@ impl DevNum {
         (min & 0xff) | (maj << 8) | ((min & !0xff) << 12)
     }
     pub fn huge_decode(v: u64) -> Self {
-        Self {
-            major: ((v & 0xfff00) >> 8) as u32,
-            minor: ((v & 0xff) | ((v >> 12) & 0xfff00)) as u32,
-        }
+        Self { major: ((v & 0xfff00) >> 8) as u32, minor: ((v & 0xff) | ((v >> 12) & 0xfff00)) as u32 }
     }
     /// Parses `major:minor` as the kernel's `dm_get_device` does (decimal, nothing else).
     pub fn parse(s: &str) -> Option<Self> {

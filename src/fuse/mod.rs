@@ -23,8 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, MountOption, OpenFlags, ReplyAttr,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyWrite, Request, SessionACL,
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, MountOption,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyWrite,
+    Request, SessionACL,
 };
 
 use crate::io::{ActiveDevice, DataPlane, IoError, IoHandle};
@@ -55,7 +56,12 @@ struct Pool {
 impl Pool {
     fn new() -> Self {
         let (tx, rx) = channel();
-        Self { tx: Mutex::new(tx), rx: Arc::new(Mutex::new(rx)), idle: Arc::new(AtomicUsize::new(0)), total: AtomicUsize::new(0) }
+        Self {
+            tx: Mutex::new(tx),
+            rx: Arc::new(Mutex::new(rx)),
+            idle: Arc::new(AtomicUsize::new(0)),
+            total: AtomicUsize::new(0),
+        }
     }
 
     fn run(&self, job: impl FnOnce() + Send + 'static) {
@@ -187,8 +193,14 @@ impl Filesystem for DevFs {
         if ino.0 != ROOT {
             return reply.error(Errno::ENOTDIR);
         }
-        let mut entries = vec![(ROOT, FileType::Directory, ".".to_owned()), (ROOT, FileType::Directory, "..".to_owned())];
-        entries.extend(self.io.active_devices().into_iter().map(|d| (u64::from(d.minor) + INO_BASE, FileType::RegularFile, d.name)));
+        let mut entries =
+            vec![(ROOT, FileType::Directory, ".".to_owned()), (ROOT, FileType::Directory, "..".to_owned())];
+        entries.extend(
+            self.io
+                .active_devices()
+                .into_iter()
+                .map(|d| (u64::from(d.minor) + INO_BASE, FileType::RegularFile, d.name)),
+        );
         for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
                 break;
@@ -295,7 +307,16 @@ impl Filesystem for DevFs {
 
     /// The block device's fallocate modes: PUNCH_HOLE|KEEP_SIZE discards (the shim's BLKDISCARD),
     /// ZERO_RANGE writes zeroes (BLKZEROOUT); ranges must be whole sectors inside the device.
-    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let Some(h) = self.handle(fh) else { return reply.error(Errno::EBADF) };
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let zero = mode & !libc::FALLOC_FL_KEEP_SIZE == libc::FALLOC_FL_ZERO_RANGE;
@@ -303,7 +324,10 @@ impl Filesystem for DevFs {
             return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
         }
         self.pool.run(move || {
-            if !offset.is_multiple_of(SECTOR) || !length.is_multiple_of(SECTOR) || offset.checked_add(length).is_none_or(|end| end > h.size()) {
+            if !offset.is_multiple_of(SECTOR)
+                || !length.is_multiple_of(SECTOR)
+                || offset.checked_add(length).is_none_or(|end| end > h.size())
+            {
                 return reply.error(Errno::EINVAL);
             }
             let r = if zero { h.write_zeroes(offset, length, false) } else { h.discard(offset, length) };
@@ -359,12 +383,19 @@ pub fn unmount(dir: &Path) {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return };
     // SAFETY: a NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0
+        || io::Error::last_os_error().raw_os_error() != Some(libc::EPERM)
+    {
         return;
     }
     for helper in ["fusermount3", "fusermount"] {
         let quiet = std::process::Stdio::null;
-        let st = std::process::Command::new(helper).args(["-u", "-z", "--"]).arg(dir).stdout(quiet()).stderr(quiet()).status();
+        let st = std::process::Command::new(helper)
+            .args(["-u", "-z", "--"])
+            .arg(dir)
+            .stdout(quiet())
+            .stderr(quiet())
+            .status();
         if st.is_ok_and(|s| s.success()) {
             return;
         }

@@ -150,7 +150,13 @@ enum Op {
 
 impl DataPlane {
     pub fn new(on_open: OpenHook) -> Self {
-        Self { inner: Arc::new(Inner { devices: RwLock::new(HashMap::new()), files: RwLock::new(HashMap::new()), on_open }) }
+        Self {
+            inner: Arc::new(Inner {
+                devices: RwLock::new(HashMap::new()),
+                files: RwLock::new(HashMap::new()),
+                on_open,
+            }),
+        }
     }
 
     fn device(&self, minor: u32) -> Option<Arc<DeviceIo>> {
@@ -165,7 +171,14 @@ impl DataPlane {
                 .or_insert_with(|| {
                     Arc::new(DeviceIo {
                         minor,
-                        state: Mutex::new(GateState { name: String::new(), table: None, suspended, read_only, inflight: 0, removed: false }),
+                        state: Mutex::new(GateState {
+                            name: String::new(),
+                            table: None,
+                            suspended,
+                            read_only,
+                            inflight: 0,
+                            removed: false,
+                        }),
                         changed: Condvar::new(),
                     })
                 })
@@ -270,7 +283,12 @@ impl DataPlane {
             .filter_map(|d| {
                 let s = d.state.lock().unwrap_or_else(|p| p.into_inner());
                 let t = s.table.as_ref().filter(|_| !s.removed)?;
-                Some(ActiveDevice { minor: d.minor, name: s.name.clone(), size: t.size().bytes(), read_only: s.read_only })
+                Some(ActiveDevice {
+                    minor: d.minor,
+                    name: s.name.clone(),
+                    size: t.size().bytes(),
+                    read_only: s.read_only,
+                })
             })
             .collect();
         v.sort_by_key(|d| d.minor);
@@ -352,8 +370,12 @@ impl DataPlane {
             (Op::Read, IoBuf::Read(b)) if nowait => read_nowait(&f, b, at),
             (Op::Read, IoBuf::Read(b)) => read_full(&f, b, at),
             (Op::Write { .. }, IoBuf::Write(b)) => Ok(f.write_all_at(b, at)?),
-            (Op::Discard, IoBuf::Len(n)) => punch(&f, at, n, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, false),
-            (Op::WriteZeroes { .. }, IoBuf::Len(n)) => punch(&f, at, n, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, true),
+            (Op::Discard, IoBuf::Len(n)) => {
+                punch(&f, at, n, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, false)
+            }
+            (Op::WriteZeroes { .. }, IoBuf::Len(n)) => {
+                punch(&f, at, n, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, true)
+            }
             _ => unreachable!("op and buffer kinds always match"),
         }
     }
@@ -427,7 +449,9 @@ fn read_nowait(f: &Backing, mut b: &mut [u8], mut at: u64) -> IoResult {
             _ => match std::io::Error::last_os_error() {
                 e if e.kind() == std::io::ErrorKind::Interrupted => {}
                 // EAGAIN: not cached; EOPNOTSUPP: the filesystem cannot tell.
-                e if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP)) => return Err(IoError::WouldBlock),
+                e if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP)) => {
+                    return Err(IoError::WouldBlock)
+                }
                 e => return Err(e.into()),
             },
         }

@@ -334,8 +334,14 @@ pub fn serve(frame: &[u8], privileged: bool, upload: impl FnOnce(DevNum, &PageTa
         if g.cmd != CTRL_CMD_GETFAMILY {
             return ack(libc::EOPNOTSUPP);
         }
-        let by_name = attrs.iter().find(|(t, _)| *t == CTRL_ATTR_FAMILY_NAME).map(|(_, p)| p.split(|&c| c == 0).next().unwrap_or(&[]));
-        let by_id = attrs.iter().find(|(t, p)| *t == CTRL_ATTR_FAMILY_ID && p.len() >= 2).map(|(_, p)| u16::from_ne_bytes([p[0], p[1]]));
+        let by_name = attrs
+            .iter()
+            .find(|(t, _)| *t == CTRL_ATTR_FAMILY_NAME)
+            .map(|(_, p)| p.split(|&c| c == 0).next().unwrap_or(&[]));
+        let by_id = attrs
+            .iter()
+            .find(|(t, p)| *t == CTRL_ATTR_FAMILY_ID && p.len() >= 2)
+            .map(|(_, p)| u16::from_ne_bytes([p[0], p[1]]));
         match (by_name, by_id) {
             (Some(n), _) if n == FAMILY_NAME.as_bytes() => family_reply(&req),
             (None, Some(FAMILY_ID)) => family_reply(&req),
@@ -360,7 +366,15 @@ pub fn serve(frame: &[u8], privileged: bool, upload: impl FnOnce(DevNum, &PageTa
         let resp = get_page_tbl(body, upload);
         // The seed put the response under attribute type NLA_BINARY (a policy constant, 11); it
         // plainly meant its only attribute, NETLINK_ATTR_MSG.
-        genl_message(FAMILY_ID, 0, req.seq, 0, NETLINK_CMD_GET_PAGE_TBL, FAMILY_VERSION, &[(NETLINK_ATTR_MSG, resp.as_bytes())])
+        genl_message(
+            FAMILY_ID,
+            0,
+            req.seq,
+            0,
+            NETLINK_CMD_GET_PAGE_TBL,
+            FAMILY_VERSION,
+            &[(NETLINK_ATTR_MSG, resp.as_bytes())],
+        )
     };
     out.extend(ack(0));
     out
@@ -508,7 +522,10 @@ mod tests {
         let e = |b: &[u8]| check_page_table(b).unwrap_err();
         assert_eq!(e(&[0; 43]), "Invalid Page Table message: too short (43)");
         // Too many entries wins over an invalid mask and an incomplete body.
-        assert_eq!(e(&m(header(0, 0, 10, 8, 3), &[])), "Invalid Page Table message: too many page table entries (11 > 10)");
+        assert_eq!(
+            e(&m(header(0, 0, 10, 8, 3), &[])),
+            "Invalid Page Table message: too many page table entries (11 > 10)"
+        );
         // No 32-bit wrap-around.
         assert_eq!(
             e(&m(header(2, 1, 10, u32::MAX, 2), &[])),
@@ -517,7 +534,10 @@ mod tests {
         assert_eq!(e(&m(header(5, 2, 10, 0, 1), &[0])), "Invalid Page Table message: invalid mask 0x3 for 5 devices");
         assert_eq!(e(&m(header(1, 0, 10, 0, 1), &[0])), "Invalid Page Table message: invalid mask 0x0 for 1 devices");
         assert_eq!(e(&m(header(0, 4, 10, 0, 1), &[0])), "Invalid Page Table message: invalid mask 0xf for 0 devices");
-        assert_eq!(e(&m(header(2, 33, 10, 0, 1), &[0])), "Invalid Page Table message: invalid mask 0x1ffffffff for 2 devices");
+        assert_eq!(
+            e(&m(header(2, 33, 10, 0, 1), &[0])),
+            "Invalid Page Table message: invalid mask 0x1ffffffff for 2 devices"
+        );
         assert_eq!(e(&m(header(4, 2, 40, 0, 17), &[0])), "Invalid Page Table message: incomplete message");
         let (dev, u) = check_page_table(&m(header(4, 2, 40, 0, 17), &[1, 2])).unwrap();
         assert_eq!(dev, DevNum::new(252, 3));
@@ -551,7 +571,9 @@ mod tests {
         let msg = page_table_message(&header(2, 1, 4, 0, 4), &[0]);
         let ok = |_: DevNum, _: &PageTableUpload| Ok(());
         let one = |b: Vec<u8>| parse_reply(&b).unwrap();
-        assert!(matches!(&one(serve(&upload_request(7, &msg), true, ok))[..], [ReplyMsg::Response(r)] if r.status == 0));
+        assert!(
+            matches!(&one(serve(&upload_request(7, &msg), true, ok))[..], [ReplyMsg::Response(r)] if r.status == 0)
+        );
         // NLM_F_ACK adds an ack after the response.
         let mut req = upload_request(7, &msg);
         req[6] |= NLM_F_ACK as u8;

@@ -258,10 +258,8 @@ bitflags! {
 
 impl DmFlags {
     /// Bits `validate_params` clears from every request before the handler runs (§2.1 step 6).
-    pub const INPUT_CLEARED: DmFlags = DmFlags::BUFFER_FULL
-        .union(DmFlags::UEVENT_GENERATED)
-        .union(DmFlags::SECURE_DATA)
-        .union(DmFlags::DATA_OUT);
+    pub const INPUT_CLEARED: DmFlags =
+        DmFlags::BUFFER_FULL.union(DmFlags::UEVENT_GENERATED).union(DmFlags::SECURE_DATA).union(DmFlags::DATA_OUT);
 }
 
 /// The DM control commands (`_IOC_NR` of the request; §1.4).
@@ -386,10 +384,7 @@ impl DmCmd {
     /// `validate_params` stops after clearing the input-only flags: no name/uuid checks and no
     /// forced termination (§2.1 step 6).
     pub const fn ignores_params(self) -> bool {
-        matches!(
-            self,
-            DmCmd::RemoveAll | DmCmd::ListDevices | DmCmd::ListVersions
-        )
+        matches!(self, DmCmd::RemoveAll | DmCmd::ListDevices | DmCmd::ListVersions)
     }
 
     /// Commands whose reply can carry a payload after offset 312 (built on the caller's buffer).
@@ -454,10 +449,7 @@ mod tests {
 
     #[test]
     fn name_list_header_is_twelve_bytes() {
-        let nl = DmNameList {
-            dev: 0x0102_0304_0506_0708,
-            next: 0x1122_3344,
-        };
+        let nl = DmNameList { dev: 0x0102_0304_0506_0708, next: 0x1122_3344 };
         let b = nl.as_bytes();
         assert_eq!(b.len(), 12);
         assert_eq!(&b[8..12], &0x1122_3344u32.to_ne_bytes());

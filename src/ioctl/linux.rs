@@ -77,11 +77,7 @@ impl DecodeError {
 
 impl From<DmError> for DecodeError {
     fn from(error: DmError) -> Self {
-        Self {
-            error,
-            cmd: None,
-            lookup_first: None,
-        }
+        Self { error, cmd: None, lookup_first: None }
     }
 }
 

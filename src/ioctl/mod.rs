@@ -16,6 +16,4 @@ pub mod netbsd;
 pub mod reader;
 
 pub use layout::{DmCmd, DmFlags, DmIoctl};
-pub use linux::{
-    decode, encode, encode_error, encode_version, DecodeError, Decoded, DecodedIoctl, Encoded,
-};
+pub use linux::{decode, encode, encode_error, encode_version, DecodeError, Decoded, DecodedIoctl, Encoded};

@@ -11,11 +11,7 @@ use zerocopy::FromBytes;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReadError {
     /// `len` bytes at `offset` do not fit in the `available` bytes (or the end overflowed).
-    OutOfBounds {
-        offset: usize,
-        len: usize,
-        available: usize,
-    },
+    OutOfBounds { offset: usize, len: usize, available: usize },
     /// No NUL between `offset` and the end of the buffer.
     Unterminated { offset: usize, available: usize },
 }
@@ -23,21 +19,11 @@ pub enum ReadError {
 impl fmt::Display for ReadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            ReadError::OutOfBounds {
-                offset,
-                len,
-                available,
-            } => {
-                write!(
-                    f,
-                    "{len} bytes at offset {offset} lie outside the {available}-byte buffer"
-                )
+            ReadError::OutOfBounds { offset, len, available } => {
+                write!(f, "{len} bytes at offset {offset} lie outside the {available}-byte buffer")
             }
             ReadError::Unterminated { offset, available } => {
-                write!(
-                    f,
-                    "string at offset {offset} is not NUL-terminated within {available} bytes"
-                )
+                write!(f, "string at offset {offset} is not NUL-terminated within {available} bytes")
             }
         }
     }
@@ -66,11 +52,7 @@ impl<'a> Reader<'a> {
 
     /// `len` bytes at `offset`.
     pub fn bytes(&self, offset: usize, len: usize) -> Result<&'a [u8], ReadError> {
-        let oob = ReadError::OutOfBounds {
-            offset,
-            len,
-            available: self.buf.len(),
-        };
+        let oob = ReadError::OutOfBounds { offset, len, available: self.buf.len() };
         let end = offset.checked_add(len).ok_or(oob)?;
         self.buf.get(offset..end).ok_or(oob)
     }
@@ -88,10 +70,7 @@ impl<'a> Reader<'a> {
     /// The C string at `offset`, without its NUL; the NUL must lie inside the buffer (the kernel's
     /// `invalid_str`).
     pub fn cstr(&self, offset: usize) -> Result<&'a [u8], ReadError> {
-        let unterminated = ReadError::Unterminated {
-            offset,
-            available: self.buf.len(),
-        };
+        let unterminated = ReadError::Unterminated { offset, available: self.buf.len() };
         let tail = self.buf.get(offset..).ok_or(unterminated)?;
         let len = tail.iter().position(|&b| b == 0).ok_or(unterminated)?;
         tail.get(..len).ok_or(unterminated)
@@ -119,14 +98,7 @@ mod tests {
         let r = Reader::new(&buf);
         assert_eq!(r.bytes(8, 1), Ok(&[3u8][..]));
         assert_eq!(r.bytes(9, 0), Ok(&[][..]));
-        assert_eq!(
-            r.bytes(8, 2),
-            Err(ReadError::OutOfBounds {
-                offset: 8,
-                len: 2,
-                available: 9
-            })
-        );
+        assert_eq!(r.bytes(8, 2), Err(ReadError::OutOfBounds { offset: 8, len: 2, available: 9 }));
         assert!(r.bytes(usize::MAX, 2).is_err());
         assert!(r.bytes(10, 0).is_err());
         assert_eq!(r.read::<u32>(4), Ok(u32::from_ne_bytes([2, 0, 0, 0])));
@@ -140,13 +112,7 @@ mod tests {
         let r = Reader::new(b"ab\0cd");
         assert_eq!(r.cstr(0), Ok(&b"ab"[..]));
         assert_eq!(r.cstr(2), Ok(&b""[..]));
-        assert_eq!(
-            r.cstr(3),
-            Err(ReadError::Unterminated {
-                offset: 3,
-                available: 5
-            })
-        );
+        assert_eq!(r.cstr(3), Err(ReadError::Unterminated { offset: 3, available: 5 }));
         assert!(r.cstr(5).is_err());
         assert!(r.cstr(usize::MAX).is_err());
     }

@@ -167,7 +167,12 @@ impl Conn<'_> {
             // proto.md: with structured replies a READ never gets a simple reply, and errors
             // preferably travel as error chunks, which carry a message.
             let msg = &msg.as_bytes()[..msg.len().min(4096)];
-            r.head[..20].copy_from_slice(&chunk_header(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u32));
+            r.head[..20].copy_from_slice(&chunk_header(
+                req.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                6 + msg.len() as u32,
+            ));
             r.head_len = 20;
             r.body.extend_from_slice(&err.to_be_bytes());
             r.body.extend_from_slice(&(msg.len() as u16).to_be_bytes());
@@ -233,7 +238,12 @@ impl Conn<'_> {
             Ok(()) => {
                 let mut r = Reply { head: [0; 28], head_len: 0, body: buf, body_len: len };
                 if self.export.structured {
-                    r.head[..20].copy_from_slice(&chunk_header(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + req.len));
+                    r.head[..20].copy_from_slice(&chunk_header(
+                        req.cookie,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        8 + req.len,
+                    ));
                     r.head[20..28].copy_from_slice(&req.offset.to_be_bytes());
                     r.head_len = 28;
                 } else {
@@ -552,7 +562,15 @@ pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, tu
         export,
         max_workers: tuning.workers,
         inline: tuning.inline,
-        queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false, workers: 0, idle: 0, inflight: 0, inflight_bytes: 0, reader_waits: false }),
+        queue: Mutex::new(Queue {
+            jobs: VecDeque::new(),
+            closed: false,
+            workers: 0,
+            idle: 0,
+            inflight: 0,
+            inflight_bytes: 0,
+            reader_waits: false,
+        }),
         work: Condvar::new(),
         room: Condvar::new(),
         out: Mutex::new(Out { pending: VecDeque::new(), pending_bytes: 0, sent: 0, writing: false, broken: false }),
@@ -615,10 +633,15 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
         }
         if req.typ == CMD_WRITE && req.len > MAX_PAYLOAD {
             // proto.md "Size constraints": a payload deemed too large may end the session.
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("NBD_CMD_WRITE of {} bytes (limit 32 MiB)", req.len)));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("NBD_CMD_WRITE of {} bytes (limit 32 MiB)", req.len),
+            ));
         }
         // Wait for room before taking a payload in.
-        let full = |q: &Queue| q.inflight >= MAX_INFLIGHT || (q.inflight > 0 && q.inflight_bytes + io_cost(&req) > MAX_INFLIGHT_BYTES);
+        let full = |q: &Queue| {
+            q.inflight >= MAX_INFLIGHT || (q.inflight > 0 && q.inflight_bytes + io_cost(&req) > MAX_INFLIGHT_BYTES)
+        };
         let mut q = lock(&c.queue);
         if full(&q) {
             drop(q);

@@ -17,8 +17,8 @@ use std::time::Duration;
 use crate::dm::{Command, DevKey, DevNum, DmError, Engine, EngineConfig, Reply, Request};
 use crate::io::DataPlane;
 use crate::ioctl::linux;
-use frame::{Kind, HEADER_LEN};
 pub use crate::ioctl::netbsd::NetbsdErrors;
+use frame::{Kind, HEADER_LEN};
 
 /// Daemon settings.
 #[derive(Clone, Debug)]
@@ -104,7 +104,12 @@ fn read_header(stream: &mut UnixStream) -> io::Result<Option<[u8; HEADER_LEN]>> 
     while got < HEADER_LEN {
         match stream.read(&mut raw[got..]) {
             Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("connection closed after {got} bytes of a frame header"))),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("connection closed after {got} bytes of a frame header"),
+                ))
+            }
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if got == 0 && e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
@@ -172,7 +177,10 @@ impl Daemon {
             std::fs::create_dir_all(dir)?;
         }
         if UnixStream::connect(socket).is_ok() {
-            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("a daemon already serves {}", socket.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("a daemon already serves {}", socket.display()),
+            ));
         }
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
@@ -199,7 +207,10 @@ impl Daemon {
         let privileged = matches!(uid, Some(u) if u == 0 || u == self.owner_uid);
         let Ok(writer) = stream.try_clone() else { return };
         let saved = self.lock().engine.global_event();
-        let conn = Arc::new(Conn { writer: Mutex::new(writer), poll: Mutex::new(PollState { armed: false, saved, sent: false }) });
+        let conn = Arc::new(Conn {
+            writer: Mutex::new(writer),
+            poll: Mutex::new(PollState { armed: false, saved, sent: false }),
+        });
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).push(conn.clone());
         tracing::debug!("client connected (uid {uid:?})");
         if let Err(e) = self.serve_connection(&mut stream, &conn, privileged) {
@@ -217,7 +228,8 @@ impl Daemon {
             let Some(raw) = read_header(stream)? else {
                 return Ok(());
             };
-            let (kind, h) = frame::parse_request_header(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let (kind, h) =
+                frame::parse_request_header(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             if kind == Kind::Plist && h.len as usize >= crate::ioctl::netbsd::proplib::COPYIN_LIMIT {
                 // proplib refuses before copying in: E2BIG, without holding the plist in memory.
                 io::copy(&mut (&mut *stream).take(h.len as u64), &mut io::sink())?;
@@ -232,7 +244,10 @@ impl Daemon {
                 Kind::Cancel => {}
                 Kind::Ioctl => {
                     let Some((req, buf)) = payload.split_first_chunk::<8>() else {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, "IOCTL frame shorter than its request number"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "IOCTL frame shorter than its request number",
+                        ));
                     };
                     let Some(enc) = self.ioctl(stream, conn, u64::from_le_bytes(*req), buf, privileged)? else {
                         return Ok(());
@@ -290,7 +305,9 @@ impl Daemon {
             let h = frame::header(Kind::Event, 0);
             // SAFETY: a valid socket fd and a 16-byte buffer. A unix stream socket takes a frame this
             // small whole or not at all, so the stream never holds half an EVENT.
-            let n = unsafe { libc::send(w.as_raw_fd(), h.as_ptr().cast(), h.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            let n = unsafe {
+                libc::send(w.as_raw_fd(), h.as_ptr().cast(), h.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
             p.sent = n == h.len() as isize;
         }
     }
@@ -316,7 +333,14 @@ impl Daemon {
     }
 
     /// One ioctl: decode, run, encode. `None` means the client went away mid-wait.
-    fn ioctl(&self, stream: &mut UnixStream, conn: &Conn, request: u64, buf: &[u8], privileged: bool) -> io::Result<Option<linux::Encoded>> {
+    fn ioctl(
+        &self,
+        stream: &mut UnixStream,
+        conn: &Conn,
+        request: u64,
+        buf: &[u8],
+        privileged: bool,
+    ) -> io::Result<Option<linux::Encoded>> {
         let mut decoded = match linux::decode(request, buf) {
             Ok(linux::Decoded::Version) => return Ok(Some(linux::encode_version())),
             Ok(linux::Decoded::Command(d)) => d,
@@ -368,9 +392,13 @@ impl Daemon {
                             tracing::warn!("client closed its connection while its DM_DEV_WAIT was pending");
                             return Ok(None);
                         }
-                        let (kind, _) = frame::parse_request_header(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                        let (kind, _) = frame::parse_request_header(&raw)
+                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                         if kind != Kind::Cancel {
-                            return Err(io::Error::new(io::ErrorKind::InvalidData, "request sent while DM_DEV_WAIT was pending"));
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "request sent while DM_DEV_WAIT was pending",
+                            ));
                         }
                         return Ok(Some(decoded.encode_error(&DmError::Interrupted)));
                     }

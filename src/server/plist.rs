@@ -19,7 +19,9 @@ impl Devices for Engine {
         self.devices().find(|d| d.name.as_str() == name).and_then(|d| self.by_minor(d.minor))
     }
     fn by_uuid(&self, uuid: &str) -> Option<Found> {
-        self.devices().find(|d| d.uuid.as_ref().is_some_and(|u| u.as_str() == uuid)).and_then(|d| self.by_minor(d.minor))
+        self.devices()
+            .find(|d| d.uuid.as_ref().is_some_and(|u| u.as_str() == uuid))
+            .and_then(|d| self.by_minor(d.minor))
     }
 }
 

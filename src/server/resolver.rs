@@ -31,7 +31,11 @@ impl DeviceResolver for FsResolver {
             })
         } else if ft.is_block_device() {
             let dev = DevNum::new(major(md.rdev()), minor(md.rdev()));
-            Ok(Resolved { identity: Identity::Block(dev), path: path.to_owned(), size: block_size(dev).unwrap_or_default() })
+            Ok(Resolved {
+                identity: Identity::Block(dev),
+                path: path.to_owned(),
+                size: block_size(dev).unwrap_or_default(),
+            })
         } else {
             Err(DmError::NoSuchBlockDevice(format!("{path}: not a block device or regular file")))
         }

@@ -131,7 +131,10 @@ impl Sysfs {
             write_atomic(&dir.join("removable"), "0\n")?;
             let target = format!("../../devices/virtual/block/dm-{minor}");
             replace_link(&target, &self.root.join(format!("dev/block/{}:{minor}", self.major)))?;
-            replace_link(&format!("../devices/virtual/block/dm-{minor}"), &self.root.join(format!("block/dm-{minor}")))?;
+            replace_link(
+                &format!("../devices/virtual/block/dm-{minor}"),
+                &self.root.join(format!("block/dm-{minor}")),
+            )?;
             replace_link(&target, &self.root.join(format!("class/block/dm-{minor}")))?;
         }
         type Render = fn(&DevState) -> String;

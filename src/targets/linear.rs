@@ -28,10 +28,9 @@ impl Target for Linear {
         match kind {
             StatusType::Info => String::new(),
             StatusType::Table => format!("{} {}", self.dev.dev, self.offset),
-            StatusType::Ima => format!(
-                "target_name=linear,target_version=1.5.0,device_name={},start={};",
-                self.dev.dev, self.offset
-            ),
+            StatusType::Ima => {
+                format!("target_name=linear,target_version=1.5.0,device_name={},start={};", self.dev.dev, self.offset)
+            }
         }
     }
 

@@ -85,7 +85,11 @@ impl Target for Striped {
                     self.chunk
                 );
                 for (i, (d, off)) in self.stripes.iter().enumerate() {
-                    let _ = write!(s, "stripe_{i}_device_name={},stripe_{i}_physical_start={},stripe_{i}_status=A,", d.dev, off);
+                    let _ = write!(
+                        s,
+                        "stripe_{i}_device_name={},stripe_{i}_physical_start={},stripe_{i}_status=A,",
+                        d.dev, off
+                    );
                 }
                 s.pop();
                 s.push(';');

@@ -278,7 +278,8 @@ fn rfc_ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Switch> {
         return Err(invalid!("switch: Insufficient arguments"));
     }
     // simple_strtoul: decimal digits and nothing else.
-    let digits = |s: &str| Some(s).filter(|s| s.bytes().all(|c| c.is_ascii_digit())).and_then(|s| s.parse::<u64>().ok());
+    let digits =
+        |s: &str| Some(s).filter(|s| s.bytes().all(|c| c.is_ascii_digit())).and_then(|s| s.parse::<u64>().ok());
     let n = digits(&argv[0]).ok_or_else(|| invalid!("switch: Invalid device count"))?;
     if n != (argv.len() as u64 - 2) / 2 {
         return Err(invalid!("switch: Invalid argument count"));
@@ -310,7 +311,13 @@ fn sscanf_llu(s: &str) -> Option<u64> {
 }
 
 impl Switch {
-    fn new(form: Form, paths: Vec<(Arc<Pdev>, Sectors)>, region_size: u32, len: Sectors, table: Option<Snapshot>) -> Self {
+    fn new(
+        form: Form,
+        paths: Vec<(Arc<Pdev>, Sectors)>,
+        region_size: u32,
+        len: Sectors,
+        table: Option<Snapshot>,
+    ) -> Self {
         let region_size = region_size as u64;
         Self {
             form,

@@ -27,7 +27,11 @@ pub fn mounted(dir: &Path) -> bool {
 
 impl Mapper {
     pub fn start() -> Self {
-        let fuse = std::env::temp_dir().join(format!("dmemu-fuse-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
+        let fuse = std::env::temp_dir().join(format!(
+            "dmemu-fuse-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
         let d = Daemon::start_with(&["--fuse-dir", fuse.to_str().unwrap()]);
         Mapper { d, fuse }
     }
@@ -65,4 +69,3 @@ impl Drop for Mapper {
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8).collect()
 }
-

@@ -51,7 +51,11 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 impl Daemon {
     pub fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("dmemu-test-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
+        let dir = std::env::temp_dir().join(format!(
+            "dmemu-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("control.sock");
@@ -77,7 +81,11 @@ impl Daemon {
 
     /// A daemon started with extra `dmemu serve` arguments (e.g. `--netbsd-errors=compat`).
     pub fn start_with(extra: &[&str]) -> Self {
-        let dir = std::env::temp_dir().join(format!("dmemu-test-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
+        let dir = std::env::temp_dir().join(format!(
+            "dmemu-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("control.sock");

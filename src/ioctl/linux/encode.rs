@@ -10,15 +10,12 @@ use core::slice;
 
 use zerocopy::IntoBytes;
 
-use crate::dm::{
-    DevInfo, DevNum, DmError, DmName, DmUuid, NameEntry, Reply, TargetStatus, TargetVersion,
-};
+use crate::dm::{DevInfo, DevNum, DmError, DmName, DmUuid, NameEntry, Reply, TargetStatus, TargetVersion};
 use crate::ioctl::layout::{
-    align8, ioc_type, DmFlags, DmIoctl, DmNameList, DmNameListTrailer, DmTargetDeps, DmTargetSpec,
-    DmTargetVersions, DM_ALIGN, DM_IOCTL_MIN_SIZE, DM_IOCTL_SIZE, DM_IOCTL_TYPE, DM_MAX_TYPE_NAME,
-    DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID, DM_NAME_LIST_FLAG_HAS_UUID, DM_NAME_LIST_NAME_OFFSET,
-    DM_NAME_LIST_TRAILER_SIZE, DM_TARGET_DEPS_DEV_OFFSET, DM_TARGET_SPEC_SIZE,
-    DM_TARGET_VERSIONS_NAME_OFFSET, DM_VERSION, DM_VERSION_BYTES,
+    align8, ioc_type, DmFlags, DmIoctl, DmNameList, DmNameListTrailer, DmTargetDeps, DmTargetSpec, DmTargetVersions,
+    DM_ALIGN, DM_IOCTL_MIN_SIZE, DM_IOCTL_SIZE, DM_IOCTL_TYPE, DM_MAX_TYPE_NAME, DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID,
+    DM_NAME_LIST_FLAG_HAS_UUID, DM_NAME_LIST_NAME_OFFSET, DM_NAME_LIST_TRAILER_SIZE, DM_TARGET_DEPS_DEV_OFFSET,
+    DM_TARGET_SPEC_SIZE, DM_TARGET_VERSIONS_NAME_OFFSET, DM_VERSION, DM_VERSION_BYTES,
 };
 use crate::ioctl::reader::field_str;
 
@@ -27,11 +24,7 @@ use super::{DecodedIoctl, Encoded};
 
 /// The reply to DM_VERSION: only `version` is written (§2.4).
 pub fn encode_version() -> Encoded {
-    Encoded {
-        ret: 0,
-        errno: 0,
-        bytes: version_bytes(),
-    }
+    Encoded { ret: 0, errno: 0, bytes: version_bytes() }
 }
 
 /// A failed request (refused by [`super::decode`] or by the engine): `ioctl()` returns -1 and the
@@ -42,26 +35,18 @@ pub fn encode_version() -> Encoded {
 ///
 /// `EACCES` writes nothing either: the kernel's capability check comes before everything else.
 pub fn encode_error(request: u64, buf: &[u8], error: &DmError) -> Encoded {
-    let unwritten = matches!(error, DmError::Access)
-        || ioc_type(request) != DM_IOCTL_TYPE
-        || buf.len() < DM_VERSION_BYTES;
+    let unwritten =
+        matches!(error, DmError::Access) || ioc_type(request) != DM_IOCTL_TYPE || buf.len() < DM_VERSION_BYTES;
     let bytes = if unwritten {
         Vec::new()
     } else {
         let wiped = match dispatch(request, buf) {
-            Ok(Some(cmd)) => copy_params(cmd, buf)
-                .ok()
-                .filter(|c| c.secure_data)
-                .map(|c| c.param_size),
+            Ok(Some(cmd)) => copy_params(cmd, buf).ok().filter(|c| c.secure_data).map(|c| c.param_size),
             _ => None,
         };
         writeback(Vec::new(), wiped)
     };
-    Encoded {
-        ret: -1,
-        errno: error.errno(),
-        bytes,
-    }
+    Encoded { ret: -1, errno: error.errno(), bytes }
 }
 
 impl DecodedIoctl {
@@ -72,11 +57,7 @@ impl DecodedIoctl {
         } else {
             writeback(Vec::new(), self.secure_data.then_some(self.param_size))
         };
-        Encoded {
-            ret: -1,
-            errno: error.errno(),
-            bytes,
-        }
+        Encoded { ret: -1, errno: error.errno(), bytes }
     }
 }
 
@@ -96,11 +77,7 @@ pub fn encode(reply: &Reply, decoded: &DecodedIoctl) -> Encoded {
         // dm_hash_rename does no lookup: name/uuid keep what the caller sent and
         // INACTIVE_PRESENT is not touched (§2.4 DM_DEV_RENAME).
         Reply::Renamed(info) => status_fill(&mut h, info),
-        Reply::Removed {
-            name,
-            uuid,
-            deferred,
-        } => {
+        Reply::Removed { name, uuid, deferred } => {
             // No status fill: event_nr, dev and open_count echo the input (§2.4 DM_DEV_REMOVE).
             set_names(&mut h, name, uuid.as_ref());
             if !deferred {
@@ -144,11 +121,7 @@ pub fn encode(reply: &Reply, decoded: &DecodedIoctl) -> Encoded {
     }
     out.truncate(usize::try_from(h.data_size).unwrap_or(usize::MAX));
     let wiped = decoded.secure_data.then_some(decoded.param_size);
-    Encoded {
-        ret,
-        errno: 0,
-        bytes: writeback(out, wiped),
-    }
+    Encoded { ret, errno: 0, bytes: writeback(out, wiped) }
 }
 
 /// The caller's buffer after the ioctl, from its start: the bytes copied back, over the wiped
@@ -182,11 +155,8 @@ fn device(h: &mut DmIoctl, info: &DevInfo) {
 /// `__dev_status` (§2.3). DEFERRED_REMOVE is only ever set here (an input bit is echoed) and
 /// UEVENT_GENERATED is never set (interposition.md §1.1 item 10); unknown bits pass through.
 fn status_fill(h: &mut DmIoctl, info: &DevInfo) {
-    let mut f = h.flags()
-        - (DmFlags::SUSPEND
-            | DmFlags::READONLY
-            | DmFlags::ACTIVE_PRESENT
-            | DmFlags::INTERNAL_SUSPEND);
+    let mut f =
+        h.flags() - (DmFlags::SUSPEND | DmFlags::READONLY | DmFlags::ACTIVE_PRESENT | DmFlags::INTERNAL_SUSPEND);
     f.set(DmFlags::SUSPEND, info.suspended);
     f.set(DmFlags::READONLY, info.read_only);
     f.set(DmFlags::ACTIVE_PRESENT, info.active_present);
@@ -235,17 +205,9 @@ fn to_u32(n: usize) -> u32 {
 /// Copies `bytes` to `off` in the payload. Callers check the space first; a write that would
 /// still not fit is dropped rather than panicking.
 fn put(buf: &mut [u8], off: usize, bytes: &[u8]) {
-    match off
-        .checked_add(bytes.len())
-        .and_then(|end| buf.get_mut(off..end))
-    {
+    match off.checked_add(bytes.len()).and_then(|end| buf.get_mut(off..end)) {
         Some(dst) => dst.copy_from_slice(bytes),
-        None => debug_assert!(
-            false,
-            "payload write {off}+{} past {}",
-            bytes.len(),
-            buf.len()
-        ),
+        None => debug_assert!(false, "payload write {off}+{} past {}", bytes.len(), buf.len()),
     }
 }
 
@@ -284,22 +246,10 @@ fn list_devices(h: &mut DmIoctl, payload: &mut [u8], entries: &[NameEntry]) {
     let mut prev: Option<usize> = None;
     for e in entries {
         if let Some(p) = prev {
-            put(
-                payload,
-                p + offset_of!(DmNameList, next),
-                &to_u32(off - p).to_ne_bytes(),
-            );
+            put(payload, p + offset_of!(DmNameList, next), &to_u32(off - p).to_ne_bytes());
         }
         let name = c_bytes(e.name.as_str());
-        put(
-            payload,
-            off,
-            DmNameList {
-                dev: e.dev.huge_encode(),
-                next: 0,
-            }
-            .as_bytes(),
-        );
+        put(payload, off, DmNameList { dev: e.dev.huge_encode(), next: 0 }.as_bytes());
         put_cstr(payload, off + DM_NAME_LIST_NAME_OFFSET, name);
         let trailer = align8(off + DM_NAME_LIST_NAME_OFFSET + name.len() + 1);
         let uuid = uuid_of(e);
@@ -309,15 +259,7 @@ fn list_devices(h: &mut DmIoctl, payload: &mut [u8], entries: &[NameEntry]) {
             (true, Some(_)) => DM_NAME_LIST_FLAG_HAS_UUID,
             (true, None) => DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID,
         };
-        put(
-            payload,
-            trailer,
-            DmNameListTrailer {
-                event_nr: e.event_nr,
-                flags,
-            }
-            .as_bytes(),
-        );
+        put(payload, trailer, DmNameListTrailer { event_nr: e.event_nr, flags }.as_bytes());
         let mut end = trailer + DM_NAME_LIST_TRAILER_SIZE;
         if let Some(u) = uuid {
             put_cstr(payload, end, u);
@@ -330,33 +272,19 @@ fn list_devices(h: &mut DmIoctl, payload: &mut [u8], entries: &[NameEntry]) {
 
 /// The uuid a name-list record carries: only when the caller asked for uuids.
 fn listed_uuid(e: &NameEntry, with_uuid: bool) -> Option<&[u8]> {
-    e.uuid
-        .as_ref()
-        .filter(|_| with_uuid)
-        .map(|u| c_bytes(u.as_str()))
+    e.uuid.as_ref().filter(|_| with_uuid).map(|u| c_bytes(u.as_str()))
 }
 
 /// DM_TABLE_DEPS with a table (§2.4): `count`, the caller's padding word, then the devices.
 fn deps(h: &mut DmIoctl, payload: &mut [u8], devs: &[DevNum]) {
     h.data_start = to_u32(DM_IOCTL_SIZE);
-    let needed = devs
-        .len()
-        .saturating_mul(size_of::<u64>())
-        .saturating_add(DM_TARGET_DEPS_DEV_OFFSET);
+    let needed = devs.len().saturating_mul(size_of::<u64>()).saturating_add(DM_TARGET_DEPS_DEV_OFFSET);
     if payload.len() < needed {
         return buffer_full(h);
     }
-    put(
-        payload,
-        offset_of!(DmTargetDeps, count),
-        &to_u32(devs.len()).to_ne_bytes(),
-    );
+    put(payload, offset_of!(DmTargetDeps, count), &to_u32(devs.len()).to_ne_bytes());
     for (i, d) in devs.iter().enumerate() {
-        put(
-            payload,
-            DM_TARGET_DEPS_DEV_OFFSET + i * size_of::<u64>(),
-            &d.huge_encode().to_ne_bytes(),
-        );
+        put(payload, DM_TARGET_DEPS_DEV_OFFSET + i * size_of::<u64>(), &d.huge_encode().to_ne_bytes());
     }
     h.data_size = to_u32(DM_IOCTL_SIZE + needed);
 }
@@ -386,13 +314,8 @@ fn status(h: &mut DmIoctl, payload: &mut [u8], targets: &[TargetStatus]) {
         let next = align8(end);
         let mut target_type = [0u8; DM_MAX_TYPE_NAME];
         strscpy(&mut target_type, &t.target_type);
-        let spec = DmTargetSpec {
-            sector_start: t.start.0,
-            length: t.length.0,
-            status: 0,
-            next: to_u32(next),
-            target_type,
-        };
+        let spec =
+            DmTargetSpec { sector_start: t.start.0, length: t.length.0, status: 0, next: to_u32(next), target_type };
         put(payload, pos, spec.as_bytes());
         put_cstr(payload, pos + DM_TARGET_SPEC_SIZE, text);
         // data_size ends just past the last NUL, unpadded.
@@ -422,22 +345,10 @@ fn versions(h: &mut DmIoctl, payload: &mut [u8], list: &[TargetVersion]) {
     let mut prev: Option<usize> = None;
     for v in list {
         if let Some(p) = prev {
-            put(
-                payload,
-                p + offset_of!(DmTargetVersions, next),
-                &to_u32(off - p).to_ne_bytes(),
-            );
+            put(payload, p + offset_of!(DmTargetVersions, next), &to_u32(off - p).to_ne_bytes());
         }
         let name = c_bytes(&v.name);
-        put(
-            payload,
-            off,
-            DmTargetVersions {
-                next: 0,
-                version: v.version,
-            }
-            .as_bytes(),
-        );
+        put(payload, off, DmTargetVersions { next: 0, version: v.version }.as_bytes());
         put_cstr(payload, off + DM_TARGET_VERSIONS_NAME_OFFSET, name);
         prev = Some(off);
         off = align8(off + DM_TARGET_VERSIONS_NAME_OFFSET + name.len() + 1);

@@ -6,10 +6,7 @@ use proptest::prelude::*;
 
 use super::fixtures::{buf, header, info, sized, table, with_name, with_uuid};
 use super::{decode, encode, encode_error, Decoded, DecodedIoctl};
-use crate::dm::{
-    DevInfo, DevNum, DmError, DmName, DmUuid, NameEntry, Reply, Sectors, TargetStatus,
-    TargetVersion,
-};
+use crate::dm::{DevInfo, DevNum, DmError, DmName, DmUuid, NameEntry, Reply, Sectors, TargetStatus, TargetVersion};
 use crate::ioctl::layout::{dm_ioctl_request, DmCmd, DmFlags};
 
 /// `{4, 0, 0}`, what libdm sends for most commands.
@@ -28,27 +25,11 @@ fn seeds() -> Vec<(DmCmd, Vec<u8>)> {
     secure.set_flags(secure.flags() | DmFlags::SECURE_DATA);
     secure.target_count = 1;
     vec![
-        (
-            DmCmd::TableLoad,
-            buf(
-                load,
-                &table(&[
-                    (0, 8, "linear", "7:0 0"),
-                    (8, 8, "zero", ""),
-                    (16, 8, "error", ""),
-                ]),
-            ),
-        ),
-        (
-            DmCmd::TableLoad,
-            buf(secure, &table(&[(0, 8, "crypt", "aes 0123 0 7:0 0")])),
-        ),
+        (DmCmd::TableLoad, buf(load, &table(&[(0, 8, "linear", "7:0 0"), (8, 8, "zero", ""), (16, 8, "error", "")]))),
+        (DmCmd::TableLoad, buf(secure, &table(&[(0, 8, "crypt", "aes 0123 0 7:0 0")]))),
         (DmCmd::DevRename, buf(named("old"), b"new\0\0\0\0\0")),
         (DmCmd::TargetMsg, buf(named("a"), &msg)),
-        (
-            DmCmd::DevSetGeometry,
-            buf(named("a"), b"100 16 63 0\0\0\0\0\0"),
-        ),
+        (DmCmd::DevSetGeometry, buf(named("a"), b"100 16 63 0\0\0\0\0\0")),
         (DmCmd::ListDevices, sized(uuid_list, 1024, 0)),
         (DmCmd::TableStatus, sized(named("a"), 1024, 0)),
         (DmCmd::DevCreate, buf(with_uuid(named("n"), "u"), &[])),
@@ -69,21 +50,16 @@ fn text_strategy() -> impl Strategy<Value = String> {
 }
 
 fn dev_info_strategy() -> impl Strategy<Value = DevInfo> {
-    (
-        name_strategy(),
-        uuid_strategy(),
-        any::<u32>(),
-        any::<bool>(),
-        any::<bool>(),
-    )
-        .prop_map(|(name, uuid, minor, suspended, inactive)| {
+    (name_strategy(), uuid_strategy(), any::<u32>(), any::<bool>(), any::<bool>()).prop_map(
+        |(name, uuid, minor, suspended, inactive)| {
             let mut i = info("x", minor & 0xfffff);
             i.name = name;
             i.uuid = uuid;
             i.suspended = suspended;
             i.inactive_present = inactive;
             i
-        })
+        },
+    )
 }
 
 fn version_strategy() -> impl Strategy<Value = TargetVersion> {
@@ -91,22 +67,12 @@ fn version_strategy() -> impl Strategy<Value = TargetVersion> {
 }
 
 fn reply_strategy() -> impl Strategy<Value = Reply> {
-    let entry = (name_strategy(), uuid_strategy(), any::<u32>(), any::<u32>()).prop_map(
-        |(name, uuid, minor, event_nr)| NameEntry {
-            dev: DevNum::new(252, minor & 0xfffff),
-            name,
-            event_nr,
-            uuid,
-        },
-    );
-    let target = ("[a-z-]{0,24}", text_strategy(), any::<u64>(), any::<u64>()).prop_map(
-        |(ty, text, s, l)| TargetStatus {
-            start: Sectors(s),
-            length: Sectors(l),
-            target_type: ty,
-            text,
-        },
-    );
+    let entry =
+        (name_strategy(), uuid_strategy(), any::<u32>(), any::<u32>()).prop_map(|(name, uuid, minor, event_nr)| {
+            NameEntry { dev: DevNum::new(252, minor & 0xfffff), name, event_nr, uuid }
+        });
+    let target = ("[a-z-]{0,24}", text_strategy(), any::<u64>(), any::<u64>())
+        .prop_map(|(ty, text, s, l)| TargetStatus { start: Sectors(s), length: Sectors(l), target_type: ty, text });
     let devs = proptest::option::of(proptest::collection::vec(any::<u64>(), 0..200));
     prop_oneof![
         Just(Reply::Nothing),
@@ -114,46 +80,26 @@ fn reply_strategy() -> impl Strategy<Value = Reply> {
         Just(Reply::MessageNoTable),
         dev_info_strategy().prop_map(Reply::Device),
         dev_info_strategy().prop_map(Reply::Renamed),
-        (name_strategy(), uuid_strategy(), any::<bool>()).prop_map(|(name, uuid, deferred)| {
-            Reply::Removed {
-                name,
-                uuid,
-                deferred,
-            }
-        }),
+        (name_strategy(), uuid_strategy(), any::<bool>())
+            .prop_map(|(name, uuid, deferred)| { Reply::Removed { name, uuid, deferred } }),
         proptest::collection::vec(entry, 0..40).prop_map(Reply::DeviceList),
-        (dev_info_strategy(), devs).prop_map(|(i, d)| Reply::Deps(
-            i,
-            d.map(|d| d.into_iter().map(DevNum::huge_decode).collect())
-        )),
-        (
-            dev_info_strategy(),
-            proptest::option::of(proptest::collection::vec(target, 0..30))
-        )
+        (dev_info_strategy(), devs)
+            .prop_map(|(i, d)| Reply::Deps(i, d.map(|d| d.into_iter().map(DevNum::huge_decode).collect()))),
+        (dev_info_strategy(), proptest::option::of(proptest::collection::vec(target, 0..30)))
             .prop_map(|(i, t)| Reply::Status(i, t)),
         proptest::collection::vec(version_strategy(), 0..30).prop_map(Reply::Versions),
         version_strategy().prop_map(Reply::TargetVersion),
-        (dev_info_strategy(), proptest::option::of(text_strategy()))
-            .prop_map(|(i, t)| Reply::Message(i, t)),
+        (dev_info_strategy(), proptest::option::of(text_strategy())).prop_map(|(i, t)| Reply::Message(i, t)),
     ]
 }
 
 /// Encodes `reply` and checks the kernel's bound: never more than the caller's buffer.
 fn check_encode(reply: &Reply, d: &DecodedIoctl) {
     let e = encode(reply, d);
-    assert!(
-        e.bytes.len() <= d.param_size.max(12),
-        "{} bytes for a {}-byte buffer",
-        e.bytes.len(),
-        d.param_size
-    );
+    assert!(e.bytes.len() <= d.param_size.max(12), "{} bytes for a {}-byte buffer", e.bytes.len(), d.param_size);
     // (A secure-data request whose reply copies nothing reads back as zeros, version included.)
     if e.ret == 0 && !d.secure_data {
-        assert_eq!(
-            &e.bytes[..4],
-            &4u32.to_ne_bytes()[..],
-            "version written back"
-        );
+        assert_eq!(&e.bytes[..4], &4u32.to_ne_bytes()[..], "version written back");
     }
 }
 
@@ -235,9 +181,6 @@ proptest! {
 #[test]
 fn seeds_decode() {
     for (cmd, b) in seeds() {
-        assert!(
-            matches!(decode(cmd.request(), &b), Ok(Decoded::Command(_))),
-            "{cmd}"
-        );
+        assert!(matches!(decode(cmd.request(), &b), Ok(Decoded::Command(_))), "{cmd}");
     }
 }

@@ -132,7 +132,9 @@ fn handler(cmd: NbCmd, dict: &mut Dict, devices: &dyn Devices) -> Result<Option<
     let command = match cmd {
         NbCmd::Version => return Ok(None),
         NbCmd::Targets => Command::ListVersions,
-        NbCmd::Names => Command::ListDevices { name_prefix: String::new(), uuid_prefix: String::new(), with_uuid: false },
+        NbCmd::Names => {
+            Command::ListDevices { name_prefix: String::new(), uuid_prefix: String::new(), with_uuid: false }
+        }
         NbCmd::Create => {
             // NetBSD accepts any name; the engine keeps Linux's check_name (docs/protocols.md).
             let name = get_str(dict, "name").unwrap_or_default();

@@ -140,7 +140,13 @@ impl NbCmd {
     pub fn privileged(self) -> bool {
         matches!(
             self,
-            NbCmd::Create | NbCmd::Suspend | NbCmd::Remove | NbCmd::Rename | NbCmd::Resume | NbCmd::Clear | NbCmd::Reload
+            NbCmd::Create
+                | NbCmd::Suspend
+                | NbCmd::Remove
+                | NbCmd::Rename
+                | NbCmd::Resume
+                | NbCmd::Clear
+                | NbCmd::Reload
         )
     }
 }

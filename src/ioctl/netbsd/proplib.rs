@@ -622,7 +622,8 @@ fn c_strtou(s: &[u8]) -> (u128, bool, usize) {
         i += 1;
     }
     let hex_digit = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_hexdigit());
-    let radix: u32 = if s.get(i) == Some(&b'0') && matches!(s.get(i + 1), Some(b'x' | b'X')) && hex_digit(s.get(i + 2)) {
+    let radix: u32 = if s.get(i) == Some(&b'0') && matches!(s.get(i + 1), Some(b'x' | b'X')) && hex_digit(s.get(i + 2))
+    {
         i += 2;
         16
     } else if s.get(i) == Some(&b'0') {

@@ -13,7 +13,11 @@ use crate::ioctl::dm_switch::pack_entries;
 fn paths(n: usize) -> Vec<(Arc<Pdev>, Sectors)> {
     (0..n)
         .map(|i| {
-            let p = Pdev { dev: DevNum::new(8, i as u32), kind: PdevKind::Block { path: format!("/dev/p{i}") }, size: Sectors(0) };
+            let p = Pdev {
+                dev: DevNum::new(8, i as u32),
+                kind: PdevKind::Block { path: format!("/dev/p{i}") },
+                size: Sectors(0),
+            };
             (Arc::new(p), Sectors(1_000_000 * i as u64))
         })
         .collect()
@@ -78,7 +82,10 @@ fn upstream_starts_round_robin_and_splits_at_region_boundaries() {
     assert_eq!(sw.table_bytes(), 512 * 1024);
     assert_eq!(sw.status(StatusType::Info, false), "");
     assert_eq!(sw.status(StatusType::Ima, false), "");
-    assert_eq!(Switch::upstream(paths(2), 7, Sectors(1)).unwrap().status(StatusType::Table, false), "2 7 0 8:0 0 8:1 1000000");
+    assert_eq!(
+        Switch::upstream(paths(2), 7, Sectors(1)).unwrap().status(StatusType::Table, false),
+        "2 7 0 8:0 0 8:1 1000000"
+    );
 }
 
 #[test]
@@ -146,7 +153,18 @@ fn rfc_routes_to_path_zero_until_uploaded_and_counts() {
     let l = sw.lookup();
     let got: Vec<(usize, bool)> = (0..10).map(|r| l.path(r * 10)).collect();
     drop(l);
-    let want = [(2, true), (1, true), (0, false), (0, true), (1, true), (2, true), (0, false), (0, false), (0, false), (0, false)];
+    let want = [
+        (2, true),
+        (1, true),
+        (0, false),
+        (0, true),
+        (1, true),
+        (2, true),
+        (0, false),
+        (0, false),
+        (0, false),
+        (0, false),
+    ];
     assert_eq!(got, want);
     assert_eq!(remap(sw.map(Sectors(54), Sectors(100))), (2, 2_000_054, 6));
     sw.map(Sectors(94), Sectors(1));
@@ -194,17 +212,18 @@ fn rfc_upload_checks_and_unaligned_chunks() {
     assert_eq!(regions(&sw), (0..100).map(|i| i % 4).collect::<Vec<_>>());
     // The upstream form takes no uploads.
     let up = Switch::upstream(paths(2), 1, Sectors(4)).unwrap();
-    assert!(up.upload_page_table(&PageTableUpload {
-        userland: [0; 2],
-        page_total: 1,
-        page_offset: 0,
-        page_count: 0,
-        page_size: 1,
-        dev_count: 2,
-        pte_bits: 1,
-        entries: vec![]
-    })
-    .is_none());
+    assert!(up
+        .upload_page_table(&PageTableUpload {
+            userland: [0; 2],
+            page_total: 1,
+            page_offset: 0,
+            page_count: 0,
+            page_size: 1,
+            dev_count: 2,
+            pte_bits: 1,
+            entries: vec![]
+        })
+        .is_none());
 }
 
 #[test]
@@ -314,7 +333,13 @@ struct ChunkSpec {
 }
 
 fn chunk_strategy() -> impl Strategy<Value = ChunkSpec> {
-    (0..PARAMS.len(), prop_oneof![3 => Just(0u8), 5 => Just(1), 2 => Just(2), 1 => Just(3), 1 => Just(4)], 0..20u32, 0..70u32, proptest::collection::vec(0..8u32, 0..70))
+    (
+        0..PARAMS.len(),
+        prop_oneof![3 => Just(0u8), 5 => Just(1), 2 => Just(2), 1 => Just(3), 1 => Just(4)],
+        0..20u32,
+        0..70u32,
+        proptest::collection::vec(0..8u32, 0..70),
+    )
         .prop_map(|(params, start, back, raw, entries)| ChunkSpec { params, start, back, raw, entries })
 }
 
@@ -341,7 +366,9 @@ fn model_upload(m: &mut RfcModel, nr_paths: usize, c: &Chunk) -> bool {
     match m {
         None if off != 0 => return false,
         Some((_, _, num, _)) if off > *num => return false,
-        Some((bits, total, _, _)) if off != 0 && (c.dev_count as usize != nr_paths || c.bits != *bits || c.total != *total) => {
+        Some((bits, total, _, _))
+            if off != 0 && (c.dev_count as usize != nr_paths || c.bits != *bits || c.total != *total) =>
+        {
             return false
         }
         _ => {}

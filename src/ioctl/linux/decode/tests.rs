@@ -40,17 +40,11 @@ fn version_command_needs_only_the_version() {
     let b = buf(header(), &[]);
     assert_eq!(decode(DmCmd::Version.request(), &b), Ok(Decoded::Version));
     // 12 bytes are enough: the kernel stops after check_version.
-    assert_eq!(
-        decode(DmCmd::Version.request(), &b[..12]),
-        Ok(Decoded::Version)
-    );
+    assert_eq!(decode(DmCmd::Version.request(), &b[..12]), Ok(Decoded::Version));
     // The patchlevel is ignored, minor 48 is the newest accepted.
     let mut h = header();
     h.version = [4, 48, 99];
-    assert_eq!(
-        decode(DmCmd::Version.request(), &buf(h, &[])),
-        Ok(Decoded::Version)
-    );
+    assert_eq!(decode(DmCmd::Version.request(), &buf(h, &[])), Ok(Decoded::Version));
 }
 
 #[test]
@@ -58,14 +52,7 @@ fn only_type_and_nr_of_the_request_matter() {
     let b = buf(named("a"), &[]);
     // _IO(0xfd, 7) without direction or size bits still is DM_DEV_STATUS (§1.4).
     let d = decode(0xfd07, &b).unwrap();
-    assert!(matches!(
-        d,
-        Decoded::Command(DecodedIoctl {
-            cmd: DmCmd::DevStatus,
-            nr: 7,
-            ..
-        })
-    ));
+    assert!(matches!(d, Decoded::Command(DecodedIoctl { cmd: DmCmd::DevStatus, nr: 7, .. })));
 }
 
 #[test]
@@ -87,16 +74,8 @@ fn version_mismatch_is_einval() {
     for v in [[5, 0, 0], [3, 0, 0], [4, 49, 0], [0, 0, 0]] {
         let mut h = named("a");
         h.version = v;
-        assert_eq!(
-            errno(DmCmd::DevStatus.request(), &buf(h, &[])),
-            libc::EINVAL,
-            "{v:?}"
-        );
-        assert_eq!(
-            errno(DmCmd::Version.request(), &buf(h, &[])),
-            libc::EINVAL,
-            "{v:?}"
-        );
+        assert_eq!(errno(DmCmd::DevStatus.request(), &buf(h, &[])), libc::EINVAL, "{v:?}");
+        assert_eq!(errno(DmCmd::Version.request(), &buf(h, &[])), libc::EINVAL, "{v:?}");
     }
 }
 
@@ -148,12 +127,7 @@ fn data_size_beyond_the_buffer_faults_unless_the_command_takes_no_params() {
 #[test]
 fn a_305_byte_request_decodes() {
     let b = buf(named("a"), &[]);
-    assert_eq!(
-        cmd_of(DmCmd::DevStatus, &b[..305]),
-        Command::DevStatus {
-            key: DevKey::Name("a".into())
-        }
-    );
+    assert_eq!(cmd_of(DmCmd::DevStatus, &b[..305]), Command::DevStatus { key: DevKey::Name("a".into()) });
     let mut short = b[..305].to_vec();
     short[12..16].copy_from_slice(&305u32.to_ne_bytes());
     let d = decoded(DmCmd::TableStatus, &short);
@@ -172,10 +146,7 @@ fn output_only_flags_are_cleared_and_unknown_bits_kept() {
     assert_eq!(d.header.flags, !0x1_a100);
     assert!(d.header.flags().contains(DmFlags::EXISTS));
     assert!(!d.secure_data);
-    let d = decoded(
-        DmCmd::DevStatus,
-        &buf(flagged(named("a"), DmFlags::SECURE_DATA), &[]),
-    );
+    let d = decoded(DmCmd::DevStatus, &buf(flagged(named("a"), DmFlags::SECURE_DATA), &[]));
     assert!(d.secure_data);
     assert!(!d.header.flags().contains(DmFlags::SECURE_DATA));
 }
@@ -191,32 +162,16 @@ fn create_needs_a_name() {
 #[test]
 fn name_and_uuid_together_are_einval_except_for_create_and_lists() {
     let both = buf(with_uuid(named("a"), "u"), &[]);
-    for cmd in [
-        DmCmd::DevRemove,
-        DmCmd::DevStatus,
-        DmCmd::TableStatus,
-        DmCmd::DevArmPoll,
-        DmCmd::GetTargetVersion,
-    ] {
+    for cmd in [DmCmd::DevRemove, DmCmd::DevStatus, DmCmd::TableStatus, DmCmd::DevArmPoll, DmCmd::GetTargetVersion] {
         assert_eq!(err(cmd, &both).errno(), libc::EINVAL, "{cmd}");
     }
-    assert!(matches!(
-        cmd_of(DmCmd::DevCreate, &both),
-        Command::DevCreate { .. }
-    ));
+    assert!(matches!(cmd_of(DmCmd::DevCreate, &both), Command::DevCreate { .. }));
     assert_eq!(
         cmd_of(DmCmd::ListDevices, &both),
-        Command::ListDevices {
-            name_prefix: "a".into(),
-            uuid_prefix: "u".into(),
-            with_uuid: false
-        }
+        Command::ListDevices { name_prefix: "a".into(), uuid_prefix: "u".into(), with_uuid: false }
     );
     assert_eq!(cmd_of(DmCmd::ListVersions, &both), Command::ListVersions);
-    assert_eq!(
-        cmd_of(DmCmd::RemoveAll, &both),
-        Command::RemoveAll { deferred: false }
-    );
+    assert_eq!(cmd_of(DmCmd::RemoveAll, &both), Command::RemoveAll { deferred: false });
 }
 
 #[test]
@@ -228,22 +183,13 @@ fn strings_are_force_terminated_except_for_lists() {
     assert_eq!(d.header.name[127], 0);
     assert_eq!(d.header.uuid[128], 0);
     // Over-long names are truncated on create, not rejected (§2.4).
-    let Command::DevCreate { name, uuid, .. } = d.request.command else {
-        panic!()
-    };
+    let Command::DevCreate { name, uuid, .. } = d.request.command else { panic!() };
     assert_eq!(name.as_str(), "n".repeat(127));
     assert_eq!(uuid.unwrap().as_str(), "u".repeat(128));
     // LIST_DEVICES keeps them as sent: a 128-byte prefix no name can match.
     let d = decoded(DmCmd::ListDevices, &buf(h, &[]));
     assert_eq!(d.header.name, [b'n'; 128]);
-    let Command::ListDevices {
-        name_prefix,
-        uuid_prefix,
-        ..
-    } = d.request.command
-    else {
-        panic!()
-    };
+    let Command::ListDevices { name_prefix, uuid_prefix, .. } = d.request.command else { panic!() };
     assert_eq!(name_prefix.len(), 128);
     assert_eq!(uuid_prefix.len(), 129);
 }
@@ -253,33 +199,16 @@ fn strings_are_force_terminated_except_for_lists() {
 #[test]
 fn lookup_prefers_uuid_then_name_then_dev() {
     let by_uuid = buf(with_uuid(header(), "LVM-x"), &[]);
-    assert_eq!(
-        cmd_of(DmCmd::DevStatus, &by_uuid),
-        Command::DevStatus {
-            key: DevKey::Uuid("LVM-x".into())
-        }
-    );
+    assert_eq!(cmd_of(DmCmd::DevStatus, &by_uuid), Command::DevStatus { key: DevKey::Uuid("LVM-x".into()) });
     let by_name = buf(named("vg-lv"), &[]);
-    assert_eq!(
-        cmd_of(DmCmd::DevStatus, &by_name),
-        Command::DevStatus {
-            key: DevKey::Name("vg-lv".into())
-        }
-    );
+    assert_eq!(cmd_of(DmCmd::DevStatus, &by_name), Command::DevStatus { key: DevKey::Name("vg-lv".into()) });
     let mut h = header();
     h.dev = 0xfc00; // 252:0 as libdm sends it for `ls --tree`
-    assert_eq!(
-        cmd_of(DmCmd::TableDeps, &buf(h, &[])),
-        Command::TableDeps {
-            key: DevKey::Dev(DevNum::new(252, 0))
-        }
-    );
+    assert_eq!(cmd_of(DmCmd::TableDeps, &buf(h, &[])), Command::TableDeps { key: DevKey::Dev(DevNum::new(252, 0)) });
     h.dev = DevNum::new(252, 0x12345).huge_encode();
     assert_eq!(
         cmd_of(DmCmd::DevStatus, &buf(h, &[])),
-        Command::DevStatus {
-            key: DevKey::Dev(DevNum::new(252, 0x12345))
-        }
+        Command::DevStatus { key: DevKey::Dev(DevNum::new(252, 0x12345)) }
     );
 }
 
@@ -291,14 +220,8 @@ fn forbidden_key_mixes_and_no_key_are_enxio() {
     let mut h = named("a");
     h.dev = 0xfc00;
     assert_eq!(err(DmCmd::DevStatus, &buf(h, &[])).errno(), libc::ENXIO);
-    assert_eq!(
-        err(DmCmd::DevRemove, &buf(header(), &[])).errno(),
-        libc::ENXIO
-    );
-    assert_eq!(
-        err(DmCmd::TableStatus, &buf(header(), &[])).errno(),
-        libc::ENXIO
-    );
+    assert_eq!(err(DmCmd::DevRemove, &buf(header(), &[])).errno(), libc::ENXIO);
+    assert_eq!(err(DmCmd::TableStatus, &buf(header(), &[])).errno(), libc::ENXIO);
     // A non-UTF-8 name names no device.
     let mut h = header();
     h.name[..2].copy_from_slice(&[0xff, 0xfe]);
@@ -307,16 +230,9 @@ fn forbidden_key_mixes_and_no_key_are_enxio() {
 
 #[test]
 fn query_inactive_is_carried_on_the_request() {
-    let d = decoded(
-        DmCmd::TableStatus,
-        &buf(flagged(named("a"), DmFlags::QUERY_INACTIVE_TABLE), &[]),
-    );
+    let d = decoded(DmCmd::TableStatus, &buf(flagged(named("a"), DmFlags::QUERY_INACTIVE_TABLE), &[]));
     assert!(d.request.query_inactive);
-    assert!(
-        !decoded(DmCmd::TableStatus, &buf(named("a"), &[]))
-            .request
-            .query_inactive
-    );
+    assert!(!decoded(DmCmd::TableStatus, &buf(named("a"), &[])).request.query_inactive);
 }
 
 // ---- per command -----------------------------------------------------------------------------
@@ -334,27 +250,18 @@ fn create() {
     );
     let mut h = flagged(named("p"), DmFlags::PERSISTENT_DEV);
     h.dev = DevNum::new(7, 0x1_2345).huge_encode(); // major bits ignored
-    let Command::DevCreate { minor, uuid, .. } = cmd_of(DmCmd::DevCreate, &buf(h, &[])) else {
-        panic!()
-    };
+    let Command::DevCreate { minor, uuid, .. } = cmd_of(DmCmd::DevCreate, &buf(h, &[])) else { panic!() };
     assert_eq!((minor, uuid), (Some(0x1_2345), None));
     // dev without PERSISTENT_DEV is ignored.
     let mut h = named("p");
     h.dev = 0xfc05;
-    assert!(matches!(
-        cmd_of(DmCmd::DevCreate, &buf(h, &[])),
-        Command::DevCreate { minor: None, .. }
-    ));
+    assert!(matches!(cmd_of(DmCmd::DevCreate, &buf(h, &[])), Command::DevCreate { minor: None, .. }));
 }
 
 #[test]
 fn create_applies_check_name() {
     for bad in ["control", ".", "..", "a/b", "/"] {
-        assert_eq!(
-            err(DmCmd::DevCreate, &buf(named(bad), &[])).errno(),
-            libc::EINVAL,
-            "{bad}"
-        );
+        assert_eq!(err(DmCmd::DevCreate, &buf(named(bad), &[])).errno(), libc::EINVAL, "{bad}");
     }
     let mut h = header();
     h.name[..3].copy_from_slice(b"a\xffb");
@@ -367,29 +274,14 @@ fn create_applies_check_name() {
 #[test]
 fn remove_and_remove_all() {
     let b = buf(flagged(named("a"), DmFlags::DEFERRED_REMOVE), &[]);
-    assert_eq!(
-        cmd_of(DmCmd::DevRemove, &b),
-        Command::DevRemove {
-            key: DevKey::Name("a".into()),
-            deferred: true
-        }
-    );
-    assert_eq!(
-        cmd_of(DmCmd::RemoveAll, &b),
-        Command::RemoveAll { deferred: true }
-    );
+    assert_eq!(cmd_of(DmCmd::DevRemove, &b), Command::DevRemove { key: DevKey::Name("a".into()), deferred: true });
+    assert_eq!(cmd_of(DmCmd::RemoveAll, &b), Command::RemoveAll { deferred: true });
     assert_eq!(
         cmd_of(DmCmd::DevRemove, &buf(named("a"), &[])),
-        Command::DevRemove {
-            key: DevKey::Name("a".into()),
-            deferred: false
-        }
+        Command::DevRemove { key: DevKey::Name("a".into()), deferred: false }
     );
     // REMOVE_ALL ignores name/uuid/dev entirely.
-    assert_eq!(
-        cmd_of(DmCmd::RemoveAll, &buf(header(), &[])),
-        Command::RemoveAll { deferred: false }
-    );
+    assert_eq!(cmd_of(DmCmd::RemoveAll, &buf(header(), &[])), Command::RemoveAll { deferred: false });
 }
 
 #[test]
@@ -397,57 +289,34 @@ fn rename_to_a_name() {
     let b = buf(named("old"), &string_payload(b"new"));
     assert_eq!(
         cmd_of(DmCmd::DevRename, &b),
-        Command::DevRename {
-            name: "old".into(),
-            to: RenameTo::Name(DmName::new("new").unwrap())
-        }
+        Command::DevRename { name: "old".into(), to: RenameTo::Name(DmName::new("new").unwrap()) }
     );
     // The string may start anywhere from 305 on.
     let mut h = named("old");
     h.data_start = 305;
     let mut b = buf(h, &[0; 8]);
     b[305..309].copy_from_slice(b"new\0");
-    assert!(matches!(
-        cmd_of(DmCmd::DevRename, &b),
-        Command::DevRename { .. }
-    ));
+    assert!(matches!(cmd_of(DmCmd::DevRename, &b), Command::DevRename { .. }));
 }
 
 #[test]
 fn rename_sets_a_uuid_and_finds_the_device_by_name_only() {
-    let b = buf(
-        flagged(named("old"), DmFlags::UUID),
-        &string_payload("u".repeat(128).as_bytes()),
-    );
+    let b = buf(flagged(named("old"), DmFlags::UUID), &string_payload("u".repeat(128).as_bytes()));
     assert_eq!(
         cmd_of(DmCmd::DevRename, &b),
-        Command::DevRename {
-            name: "old".into(),
-            to: RenameTo::Uuid(DmUuid::new(&"u".repeat(128)).unwrap())
-        }
+        Command::DevRename { name: "old".into(), to: RenameTo::Uuid(DmUuid::new(&"u".repeat(128)).unwrap()) }
     );
     // Identified by uuid: the name is empty, which the engine reports as ENXIO.
     let b = buf(with_uuid(header(), "x"), &string_payload(b"new"));
-    assert!(
-        matches!(cmd_of(DmCmd::DevRename, &b), Command::DevRename { name, .. } if name.is_empty())
-    );
+    assert!(matches!(cmd_of(DmCmd::DevRename, &b), Command::DevRename { name, .. } if name.is_empty()));
 }
 
 #[test]
 fn rename_string_errors_are_einval() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("empty", buf(named("old"), &string_payload(b""))),
-        (
-            "128-char name",
-            buf(named("old"), &string_payload("n".repeat(128).as_bytes())),
-        ),
-        (
-            "129-char uuid",
-            buf(
-                flagged(named("old"), DmFlags::UUID),
-                &string_payload("u".repeat(129).as_bytes()),
-            ),
-        ),
+        ("128-char name", buf(named("old"), &string_payload("n".repeat(128).as_bytes()))),
+        ("129-char uuid", buf(flagged(named("old"), DmFlags::UUID), &string_payload("u".repeat(129).as_bytes()))),
         ("check_name", buf(named("old"), &string_payload(b"control"))),
         ("slash", buf(named("old"), &string_payload(b"a/b"))),
         ("not UTF-8", buf(named("old"), &string_payload(b"\xc3"))),
@@ -460,51 +329,26 @@ fn rename_string_errors_are_einval() {
     for start in [0, 304, 320, 1 << 20, u32::MAX] {
         let mut h = named("old");
         h.data_start = start;
-        assert_eq!(
-            err(DmCmd::DevRename, &buf(h, &string_payload(b"new"))).errno(),
-            libc::EINVAL,
-            "{start}"
-        );
+        assert_eq!(err(DmCmd::DevRename, &buf(h, &string_payload(b"new"))).errno(), libc::EINVAL, "{start}");
     }
     // String checks precede the lookup: a bad string for a bad key is still EINVAL.
     let mut h = header();
     h.name[0] = 0xff;
-    assert_eq!(
-        err(DmCmd::DevRename, &buf(h, &string_payload(b""))).errno(),
-        libc::EINVAL
-    );
-    assert_eq!(
-        err(DmCmd::DevRename, &buf(h, &string_payload(b"new"))).errno(),
-        libc::ENXIO
-    );
+    assert_eq!(err(DmCmd::DevRename, &buf(h, &string_payload(b""))).errno(), libc::EINVAL);
+    assert_eq!(err(DmCmd::DevRename, &buf(h, &string_payload(b"new"))).errno(), libc::ENXIO);
 }
 
 #[test]
 fn suspend_and_resume() {
-    let b = buf(
-        flagged(named("a"), DmFlags::SUSPEND | DmFlags::NOFLUSH),
-        &[],
-    );
+    let b = buf(flagged(named("a"), DmFlags::SUSPEND | DmFlags::NOFLUSH), &[]);
     assert_eq!(
         cmd_of(DmCmd::DevSuspend, &b),
-        Command::DevSuspend {
-            key: DevKey::Name("a".into()),
-            opts: SuspendOpts {
-                noflush: true,
-                skip_lockfs: false
-            }
-        }
+        Command::DevSuspend { key: DevKey::Name("a".into()), opts: SuspendOpts { noflush: true, skip_lockfs: false } }
     );
     let b = buf(flagged(named("a"), DmFlags::SKIP_LOCKFS), &[]);
     assert_eq!(
         cmd_of(DmCmd::DevSuspend, &b),
-        Command::DevResume {
-            key: DevKey::Name("a".into()),
-            opts: SuspendOpts {
-                noflush: false,
-                skip_lockfs: true
-            }
-        }
+        Command::DevResume { key: DevKey::Name("a".into()), opts: SuspendOpts { noflush: false, skip_lockfs: true } }
     );
 }
 
@@ -514,83 +358,40 @@ fn status_and_wait() {
     let b = buf(named("a"), &[]);
     assert_eq!(
         cmd_of(DmCmd::TableStatus, &b),
-        Command::TableStatus {
-            key: key(),
-            status: StatusType::Info,
-            noflush: false
-        }
+        Command::TableStatus { key: key(), status: StatusType::Info, noflush: false }
     );
-    let b = buf(
-        flagged(named("a"), DmFlags::STATUS_TABLE | DmFlags::IMA_MEASUREMENT),
-        &[],
-    );
+    let b = buf(flagged(named("a"), DmFlags::STATUS_TABLE | DmFlags::IMA_MEASUREMENT), &[]);
     assert_eq!(
         cmd_of(DmCmd::TableStatus, &b),
-        Command::TableStatus {
-            key: key(),
-            status: StatusType::Table,
-            noflush: false
-        }
+        Command::TableStatus { key: key(), status: StatusType::Table, noflush: false }
     );
-    let b = buf(
-        flagged(named("a"), DmFlags::IMA_MEASUREMENT | DmFlags::NOFLUSH),
-        &[],
-    );
+    let b = buf(flagged(named("a"), DmFlags::IMA_MEASUREMENT | DmFlags::NOFLUSH), &[]);
     assert_eq!(
         cmd_of(DmCmd::TableStatus, &b),
-        Command::TableStatus {
-            key: key(),
-            status: StatusType::Ima,
-            noflush: true
-        }
+        Command::TableStatus { key: key(), status: StatusType::Ima, noflush: true }
     );
     let mut h = flagged(named("a"), DmFlags::STATUS_TABLE);
     h.event_nr = 41;
     assert_eq!(
         cmd_of(DmCmd::DevWait, &buf(h, &[])),
-        Command::DevWait {
-            key: key(),
-            event_nr: 41,
-            status: StatusType::Table,
-            noflush: false
-        }
+        Command::DevWait { key: key(), event_nr: 41, status: StatusType::Table, noflush: false }
     );
-    assert_eq!(
-        cmd_of(DmCmd::DevStatus, &buf(named("a"), &[])),
-        Command::DevStatus { key: key() }
-    );
-    assert_eq!(
-        cmd_of(DmCmd::TableClear, &buf(named("a"), &[])),
-        Command::TableClear { key: key() }
-    );
-    assert_eq!(
-        cmd_of(DmCmd::TableDeps, &buf(named("a"), &[])),
-        Command::TableDeps { key: key() }
-    );
+    assert_eq!(cmd_of(DmCmd::DevStatus, &buf(named("a"), &[])), Command::DevStatus { key: key() });
+    assert_eq!(cmd_of(DmCmd::TableClear, &buf(named("a"), &[])), Command::TableClear { key: key() });
+    assert_eq!(cmd_of(DmCmd::TableDeps, &buf(named("a"), &[])), Command::TableDeps { key: key() });
 }
 
 #[test]
 fn versions_arm_poll_and_target_version() {
-    assert_eq!(
-        cmd_of(DmCmd::ListVersions, &buf(header(), &[])),
-        Command::ListVersions
-    );
-    assert_eq!(
-        cmd_of(DmCmd::DevArmPoll, &buf(header(), &[])),
-        Command::ArmPoll
-    );
+    assert_eq!(cmd_of(DmCmd::ListVersions, &buf(header(), &[])), Command::ListVersions);
+    assert_eq!(cmd_of(DmCmd::DevArmPoll, &buf(header(), &[])), Command::ArmPoll);
     assert_eq!(
         cmd_of(DmCmd::GetTargetVersion, &buf(named("linear"), &[])),
-        Command::GetTargetVersion {
-            name: "linear".into()
-        }
+        Command::GetTargetVersion { name: "linear".into() }
     );
     let mut h = header();
     h.name[0] = 0xc0;
-    assert_eq!(
-        err(DmCmd::GetTargetVersion, &buf(h, &[])).errno(),
-        libc::EINVAL
-    );
+    assert_eq!(err(DmCmd::GetTargetVersion, &buf(h, &[])).errno(), libc::EINVAL);
 }
 
 #[test]
@@ -598,20 +399,11 @@ fn list_devices_filters() {
     let b = buf(flagged(with_uuid(named("vg-"), "LVM-"), DmFlags::UUID), &[]);
     assert_eq!(
         cmd_of(DmCmd::ListDevices, &b),
-        Command::ListDevices {
-            name_prefix: "vg-".into(),
-            uuid_prefix: "LVM-".into(),
-            with_uuid: true
-        }
+        Command::ListDevices { name_prefix: "vg-".into(), uuid_prefix: "LVM-".into(), with_uuid: true }
     );
     let mut h = header();
     h.name[0] = 0xff;
-    let Command::ListDevices {
-        name_prefix,
-        uuid_prefix,
-        ..
-    } = cmd_of(DmCmd::ListDevices, &buf(h, &[]))
-    else {
+    let Command::ListDevices { name_prefix, uuid_prefix, .. } = cmd_of(DmCmd::ListDevices, &buf(h, &[])) else {
         panic!()
     };
     assert!(name_prefix.len() > crate::dm::DM_NAME_MAX);
@@ -632,21 +424,10 @@ fn load_err(count: u32, payload: &[u8]) -> DecodeError {
 
 #[test]
 fn table_load_as_libdm_sends_it() {
-    let t = table(&[
-        (0, 100, "linear", "7:0 0"),
-        (100, 50, "zero", ""),
-        (150, 8, "error", "a\\\\b"),
-    ]);
+    let t = table(&[(0, 100, "linear", "7:0 0"), (100, 50, "zero", ""), (150, 8, "error", "a\\\\b")]);
     let d = decoded(DmCmd::TableLoad, &load(3, &t));
     assert_eq!(d.input.len(), 305, "a load's reply is header-only");
-    let Command::TableLoad {
-        key,
-        targets,
-        read_only,
-    } = d.request.command
-    else {
-        panic!()
-    };
+    let Command::TableLoad { key, targets, read_only } = d.request.command else { panic!() };
     assert_eq!(key, DevKey::Name("a".into()));
     assert!(!read_only);
     let ts = |s, l, t: &str, p: &str| TargetSpec {
@@ -655,14 +436,7 @@ fn table_load_as_libdm_sends_it() {
         target_type: t.into(),
         params: p.into(),
     };
-    assert_eq!(
-        targets,
-        vec![
-            ts(0, 100, "linear", "7:0 0"),
-            ts(100, 50, "zero", ""),
-            ts(150, 8, "error", "a\\\\b")
-        ]
-    );
+    assert_eq!(targets, vec![ts(0, 100, "linear", "7:0 0"), ts(100, 50, "zero", ""), ts(150, 8, "error", "a\\\\b")]);
     let b = buf(
         {
             let mut h = flagged(named("a"), DmFlags::READONLY);
@@ -671,21 +445,13 @@ fn table_load_as_libdm_sends_it() {
         },
         &table(&[(0, 8, "zero", "")]),
     );
-    assert!(matches!(
-        cmd_of(DmCmd::TableLoad, &b),
-        Command::TableLoad {
-            read_only: true,
-            ..
-        }
-    ));
+    assert!(matches!(cmd_of(DmCmd::TableLoad, &b), Command::TableLoad { read_only: true, .. }));
 }
 
 #[test]
 fn table_load_reads_only_target_count_specs() {
     let t = table(&[(0, 100, "linear", "7:0 0"), (100, 50, "zero", "")]);
-    let Command::TableLoad { targets, .. } = cmd_of(DmCmd::TableLoad, &load(1, &t)) else {
-        panic!()
-    };
+    let Command::TableLoad { targets, .. } = cmd_of(DmCmd::TableLoad, &load(1, &t)) else { panic!() };
     assert_eq!(targets.len(), 1);
 }
 
@@ -727,11 +493,7 @@ fn table_load_first_spec_must_not_overlap_the_header() {
         if start as usize + t.len() <= b.len() {
             b[start as usize..start as usize + t.len()].copy_from_slice(&t);
         }
-        assert_eq!(
-            err(DmCmd::TableLoad, &b).errno(),
-            libc::EINVAL,
-            "data_start {start}"
-        );
+        assert_eq!(err(DmCmd::TableLoad, &b).errno(), libc::EINVAL, "data_start {start}");
     }
     // 320 (aligned, past the header) is fine.
     let mut h = named("a");
@@ -739,18 +501,14 @@ fn table_load_first_spec_must_not_overlap_the_header() {
     h.data_start = 320;
     let mut p = vec![0u8; 8];
     p.extend(&t);
-    assert!(matches!(
-        cmd_of(DmCmd::TableLoad, &buf(h, &p)),
-        Command::TableLoad { .. }
-    ));
+    assert!(matches!(cmd_of(DmCmd::TableLoad, &buf(h, &p)), Command::TableLoad { .. }));
 }
 
 #[test]
 fn table_load_next_must_be_aligned_and_move_forward() {
     let mut t = table(&[(0, 8, "zero", ""), (8, 8, "zero", "")]);
     let next_at = 20;
-    let set_next =
-        |t: &mut Vec<u8>, v: u32| t[next_at..next_at + 4].copy_from_slice(&v.to_ne_bytes());
+    let set_next = |t: &mut Vec<u8>, v: u32| t[next_at..next_at + 4].copy_from_slice(&v.to_ne_bytes());
     for bad in [0u32, 8, 40, 41, 44, 47] {
         // 0 loops back onto the same spec; below 48 overlaps this spec's parameters; 44 is misaligned.
         set_next(&mut t, bad);
@@ -761,10 +519,7 @@ fn table_load_next_must_be_aligned_and_move_forward() {
     set_next(&mut t, u32::MAX - 7);
     assert_eq!(load_err(2, &t).errno(), libc::EINVAL, "far outside");
     set_next(&mut t, 48);
-    assert!(matches!(
-        cmd_of(DmCmd::TableLoad, &load(2, &t)),
-        Command::TableLoad { .. }
-    ));
+    assert!(matches!(cmd_of(DmCmd::TableLoad, &load(2, &t)), Command::TableLoad { .. }));
     // 41 bytes of spec + NUL is the minimum: next = 48 with params "" needs 48 + 41 bytes in all.
 }
 
@@ -773,10 +528,7 @@ fn table_load_spec_needs_room_for_a_parameter_byte() {
     // A spec that ends exactly at the buffer end: no room for the NUL.
     let t = spec(0, 8, "zero", "", true);
     assert_eq!(load_err(1, &t[..40]).errno(), libc::EINVAL);
-    assert!(matches!(
-        cmd_of(DmCmd::TableLoad, &load(1, &t[..41])),
-        Command::TableLoad { .. }
-    ));
+    assert!(matches!(cmd_of(DmCmd::TableLoad, &load(1, &t[..41])), Command::TableLoad { .. }));
     assert_eq!(load_err(1, &t[..39]).errno(), libc::EINVAL);
 }
 
@@ -799,15 +551,11 @@ fn table_load_parameters_must_be_terminated_and_utf8() {
 fn table_load_unterminated_type_runs_into_the_parameters() {
     let mut t = spec(0, 8, "zero", "", true);
     t[24..40].copy_from_slice(b"0123456789abcdef");
-    let Command::TableLoad { targets, .. } = cmd_of(DmCmd::TableLoad, &load(1, &t)) else {
-        panic!()
-    };
+    let Command::TableLoad { targets, .. } = cmd_of(DmCmd::TableLoad, &load(1, &t)) else { panic!() };
     assert_eq!(targets[0].target_type, "0123456789abcdef");
     let mut t = spec(0, 8, "zero", "xy", true);
     t[24..40].copy_from_slice(b"0123456789abcdef");
-    let Command::TableLoad { targets, .. } = cmd_of(DmCmd::TableLoad, &load(1, &t)) else {
-        panic!()
-    };
+    let Command::TableLoad { targets, .. } = cmd_of(DmCmd::TableLoad, &load(1, &t)) else { panic!() };
     assert_eq!(targets[0].target_type, "0123456789abcdefxy");
     assert_eq!(targets[0].params, "xy");
 }
@@ -816,10 +564,7 @@ fn table_load_unterminated_type_runs_into_the_parameters() {
 fn table_load_last_next_is_ignored() {
     let mut t = table(&[(0, 8, "zero", "")]);
     t[20..24].copy_from_slice(&7u32.to_ne_bytes());
-    assert!(matches!(
-        cmd_of(DmCmd::TableLoad, &load(1, &t)),
-        Command::TableLoad { .. }
-    ));
+    assert!(matches!(cmd_of(DmCmd::TableLoad, &load(1, &t)), Command::TableLoad { .. }));
 }
 
 // ---- §2.7 target message -------------------------------------------------------------------
@@ -834,73 +579,40 @@ fn msg_payload(sector: u64, m: &[u8]) -> Vec<u8> {
 
 #[test]
 fn target_message() {
-    let d = decoded(
-        DmCmd::TargetMsg,
-        &buf(named("a"), &msg_payload(123, b"@stats_list")),
-    );
+    let d = decoded(DmCmd::TargetMsg, &buf(named("a"), &msg_payload(123, b"@stats_list")));
     assert_eq!(
         d.request.command,
-        Command::TargetMsg {
-            key: DevKey::Name("a".into()),
-            sector: Sectors(123),
-            message: "@stats_list".into()
-        }
+        Command::TargetMsg { key: DevKey::Name("a".into()), sector: Sectors(123), message: "@stats_list".into() }
     );
-    assert_eq!(
-        d.input.len(),
-        d.param_size,
-        "the reply is built on the whole buffer"
-    );
+    assert_eq!(d.input.len(), d.param_size, "the reply is built on the whole buffer");
     // data_start 305 is allowed (not 312), and the sector is read unaligned.
     let mut h = named("a");
     h.data_start = 305;
     let mut b = buf(h, &[0; 16]);
     b[305..313].copy_from_slice(&9u64.to_ne_bytes());
     b[313..316].copy_from_slice(b"hi\0");
-    assert!(matches!(
-        cmd_of(DmCmd::TargetMsg, &b),
-        Command::TargetMsg {
-            sector: Sectors(9),
-            ..
-        }
-    ));
+    assert!(matches!(cmd_of(DmCmd::TargetMsg, &b), Command::TargetMsg { sector: Sectors(9), .. }));
 }
 
 #[test]
 fn target_message_errors() {
     let unterminated = buf(named("a"), &[0, 0, 0, 0, 0, 0, 0, 0, b'x', b'y']);
     let e = err(DmCmd::TargetMsg, &unterminated);
-    assert_eq!(
-        (e.errno(), e.lookup_first),
-        (libc::EINVAL, Some(DevKey::Name("a".into())))
-    );
+    assert_eq!((e.errno(), e.lookup_first), (libc::EINVAL, Some(DevKey::Name("a".into()))));
     for start in [0, 304, 320, 321, 400, u32::MAX - 4, u32::MAX] {
         let mut h = named("a");
         h.data_start = start;
-        assert_eq!(
-            err(DmCmd::TargetMsg, &buf(h, &msg_payload(0, b"x"))).errno(),
-            libc::EINVAL,
-            "{start}"
-        );
+        assert_eq!(err(DmCmd::TargetMsg, &buf(h, &msg_payload(0, b"x"))).errno(), libc::EINVAL, "{start}");
     }
-    assert_eq!(
-        err(DmCmd::TargetMsg, &buf(named("a"), &msg_payload(0, b"\xff"))).errno(),
-        libc::EINVAL
-    );
+    assert_eq!(err(DmCmd::TargetMsg, &buf(named("a"), &msg_payload(0, b"\xff"))).errno(), libc::EINVAL);
     // No key → ENXIO before the payload is looked at.
-    assert_eq!(
-        err(DmCmd::TargetMsg, &buf(header(), &[])).errno(),
-        libc::ENXIO
-    );
+    assert_eq!(err(DmCmd::TargetMsg, &buf(header(), &[])).errno(), libc::ENXIO);
 }
 
 // ---- set geometry --------------------------------------------------------------------------
 
 fn geo(s: &[u8]) -> Result<Command, DecodeError> {
-    match decode(
-        DmCmd::DevSetGeometry.request(),
-        &buf(named("a"), &string_payload(s)),
-    ) {
+    match decode(DmCmd::DevSetGeometry.request(), &buf(named("a"), &string_payload(s))) {
         Ok(Decoded::Command(d)) => Ok(d.request.command),
         Ok(other) => panic!("{other:?}"),
         Err(e) => Err(e),
@@ -908,30 +620,15 @@ fn geo(s: &[u8]) -> Result<Command, DecodeError> {
 }
 
 fn g(cylinders: u64, heads: u64, sectors: u64, start: u64) -> Command {
-    Command::SetGeometry {
-        key: DevKey::Name("a".into()),
-        geometry: Geometry {
-            cylinders,
-            heads,
-            sectors,
-            start,
-        },
-    }
+    Command::SetGeometry { key: DevKey::Name("a".into()), geometry: Geometry { cylinders, heads, sectors, start } }
 }
 
 #[test]
 fn set_geometry_parses_like_sscanf() {
     assert_eq!(geo(b"1000 16 63 0"), Ok(g(1000, 16, 63, 0)));
     assert_eq!(geo(b"  1000\t16\n63 \x0b\x0c\r 8"), Ok(g(1000, 16, 63, 8)));
-    assert_eq!(
-        geo(b"1\xa02 3 4"),
-        Ok(g(1, 2, 3, 4)),
-        "0xa0 is kernel whitespace"
-    );
-    assert_eq!(
-        geo(b"65535 255 255 4261413375"),
-        Ok(g(65535, 255, 255, 65535 * 255 * 255))
-    );
+    assert_eq!(geo(b"1\xa02 3 4"), Ok(g(1, 2, 3, 4)), "0xa0 is kernel whitespace");
+    assert_eq!(geo(b"65535 255 255 4261413375"), Ok(g(65535, 255, 255, 65535 * 255 * 255)));
     assert_eq!(geo(b"0 0 0 0"), Ok(g(0, 0, 0, 0)));
     assert_eq!(geo(b"007 1 1 0"), Ok(g(7, 1, 1, 0)));
     // simple_strntoull wraps: 2^64 + 5 cylinders are 5 cylinders.
@@ -958,25 +655,14 @@ fn set_geometry_errors_are_einval() {
         b"1 2 \xc3\xa9 4",
     ] {
         let e = geo(bad).expect_err(&String::from_utf8_lossy(bad));
-        assert_eq!(
-            e.errno(),
-            libc::EINVAL,
-            "{:?}",
-            String::from_utf8_lossy(bad)
-        );
+        assert_eq!(e.errno(), libc::EINVAL, "{:?}", String::from_utf8_lossy(bad));
         assert_eq!(e.lookup_first, Some(DevKey::Name("a".into())));
     }
     assert_eq!(geo(b"2 2 2 8"), Ok(g(2, 2, 2, 8)));
     let mut h = named("a");
     h.data_start = 304;
-    assert_eq!(
-        err(DmCmd::DevSetGeometry, &buf(h, &string_payload(b"1 1 1 0"))).errno(),
-        libc::EINVAL
-    );
-    assert_eq!(
-        err(DmCmd::DevSetGeometry, &buf(named("a"), b"1 1 1 0")).errno(),
-        libc::EINVAL
-    );
+    assert_eq!(err(DmCmd::DevSetGeometry, &buf(h, &string_payload(b"1 1 1 0"))).errno(), libc::EINVAL);
+    assert_eq!(err(DmCmd::DevSetGeometry, &buf(named("a"), b"1 1 1 0")).errno(), libc::EINVAL);
 }
 
 // ---- kept input ----------------------------------------------------------------------------
@@ -984,13 +670,7 @@ fn set_geometry_errors_are_einval() {
 #[test]
 fn payload_commands_keep_the_whole_buffer() {
     let b = sized(named("a"), 16384, 0xaa);
-    for cmd in [
-        DmCmd::ListDevices,
-        DmCmd::TableStatus,
-        DmCmd::DevWait,
-        DmCmd::TableDeps,
-        DmCmd::ListVersions,
-    ] {
+    for cmd in [DmCmd::ListDevices, DmCmd::TableStatus, DmCmd::DevWait, DmCmd::TableDeps, DmCmd::ListVersions] {
         let d = decoded(cmd, &b);
         assert_eq!((d.input.len(), d.param_size), (16384, 16384), "{cmd}");
         assert_eq!(d.input[1000], 0xaa);
@@ -999,8 +679,5 @@ fn payload_commands_keep_the_whole_buffer() {
     let d = decoded(DmCmd::TableClear, &b);
     assert_eq!((d.input.len(), d.param_size), (305, 305));
     assert_eq!(d.input, b[..305].to_vec());
-    assert_eq!(
-        d.header.data_size, 305,
-        "the no-params header claims 305 bytes"
-    );
+    assert_eq!(d.header.data_size, 305, "the no-params header claims 305 bytes");
 }

@@ -23,113 +23,51 @@ fn ok(e: &Encoded) -> &[u8] {
 }
 
 fn entry(name: &str, minor: u32, event_nr: u32, u: Option<&str>) -> NameEntry {
-    NameEntry {
-        dev: DevNum::new(252, minor),
-        name: DmName::new(name).unwrap(),
-        event_nr,
-        uuid: u.and_then(uuid),
-    }
+    NameEntry { dev: DevNum::new(252, minor), name: DmName::new(name).unwrap(), event_nr, uuid: u.and_then(uuid) }
 }
 
 fn ts(start: u64, len: u64, ty: &str, text: &str) -> TargetStatus {
-    TargetStatus {
-        start: Sectors(start),
-        length: Sectors(len),
-        target_type: ty.into(),
-        text: text.into(),
-    }
+    TargetStatus { start: Sectors(start), length: Sectors(len), target_type: ty.into(), text: text.into() }
 }
 
 // ---- version and errors --------------------------------------------------------------------
 
 #[test]
 fn version_reply_is_the_version_only() {
-    assert_eq!(
-        encode_version(),
-        Encoded {
-            ret: 0,
-            errno: 0,
-            bytes: V.to_vec()
-        }
-    );
+    assert_eq!(encode_version(), Encoded { ret: 0, errno: 0, bytes: V.to_vec() });
 }
 
 #[test]
 fn errors_write_back_only_the_version() {
     let b = buf(named("a"), &[0xaa; 64]);
-    let e = encode_error(
-        DmCmd::TableStatus.request(),
-        &b,
-        &DmError::NoDevice("x".into()),
-    );
-    assert_eq!(
-        e,
-        Encoded {
-            ret: -1,
-            errno: libc::ENXIO,
-            bytes: V.to_vec()
-        }
-    );
+    let e = encode_error(DmCmd::TableStatus.request(), &b, &DmError::NoDevice("x".into()));
+    assert_eq!(e, Encoded { ret: -1, errno: libc::ENXIO, bytes: V.to_vec() });
     // Even when the version check itself failed, or the command number is unknown.
     let mut h = named("a");
     h.version = [5, 1, 2];
-    let e = encode_error(
-        DmCmd::DevStatus.request(),
-        &buf(h, &[]),
-        &DmError::Invalid("v".into()),
-    );
+    let e = encode_error(DmCmd::DevStatus.request(), &buf(h, &[]), &DmError::Invalid("v".into()));
     assert_eq!((e.errno, e.bytes), (libc::EINVAL, V.to_vec()));
     let e = encode_error(dm_ioctl_request(30), &b, &DmError::NotTty("n".into()));
     assert_eq!((e.errno, e.bytes), (libc::ENOTTY, V.to_vec()));
     // Nothing for a foreign ioctl type, an unreadable version, or EACCES (checked first of all).
-    assert!(encode_error(0x5401, &b, &DmError::NotTty("t".into()))
-        .bytes
-        .is_empty());
-    assert!(encode_error(
-        DmCmd::DevStatus.request(),
-        &b[..11],
-        &DmError::Fault("f".into())
-    )
-    .bytes
-    .is_empty());
-    assert!(
-        encode_error(DmCmd::DevStatus.request(), &b, &DmError::Access)
-            .bytes
-            .is_empty()
-    );
-    assert_eq!(
-        encode_error(DmCmd::DevStatus.request(), &b, &DmError::Access).errno,
-        libc::EACCES
-    );
+    assert!(encode_error(0x5401, &b, &DmError::NotTty("t".into())).bytes.is_empty());
+    assert!(encode_error(DmCmd::DevStatus.request(), &b[..11], &DmError::Fault("f".into())).bytes.is_empty());
+    assert!(encode_error(DmCmd::DevStatus.request(), &b, &DmError::Access).bytes.is_empty());
+    assert_eq!(encode_error(DmCmd::DevStatus.request(), &b, &DmError::Access).errno, libc::EACCES);
 }
 
 #[test]
 fn secure_data_wipes_the_callers_buffer() {
     let b = sized(flagged(named("a"), DmFlags::SECURE_DATA), 1024, 0x55);
     // An error after copy_params: all of data_size reads back as zeros, version included.
-    let e = encode_error(
-        DmCmd::TableLoad.request(),
-        &b,
-        &DmError::Invalid("bad table".into()),
-    );
+    let e = encode_error(DmCmd::TableLoad.request(), &b, &DmError::Invalid("bad table".into()));
     assert_eq!(e.bytes, vec![0; 1024]);
     let d = decoded(DmCmd::TableStatus, &b);
-    assert_eq!(
-        d.encode_error(&DmError::Busy("b".into())).bytes,
-        vec![0; 1024]
-    );
+    assert_eq!(d.encode_error(&DmError::Busy("b".into())).bytes, vec![0; 1024]);
     // Before copy_params (bad data_size) nothing was wiped.
     let mut bad = b.clone();
     bad[12..16].copy_from_slice(&300u32.to_ne_bytes());
-    assert_eq!(
-        encode_error(
-            DmCmd::TableLoad.request(),
-            &bad,
-            &DmError::Invalid("x".into())
-        )
-        .bytes,
-        V.to_vec()
-    );
+    assert_eq!(encode_error(DmCmd::TableLoad.request(), &bad, &DmError::Invalid("x".into())).bytes, V.to_vec());
     // Success: the 305-byte reply over zeros.
     let r = encode(&Reply::Status(info("a", 0), None), &d);
     assert_eq!(r.bytes.len(), 1024);
@@ -146,10 +84,7 @@ fn decoded_errors_match_encode_error() {
     let b = buf(named("a"), &[1; 32]);
     let d = decoded(DmCmd::TableStatus, &b);
     let err = DmError::NoDevice("gone".into());
-    assert_eq!(
-        d.encode_error(&err),
-        encode_error(DmCmd::TableStatus.request(), &b, &err)
-    );
+    assert_eq!(d.encode_error(&err), encode_error(DmCmd::TableStatus.request(), &b, &err));
     assert!(d.encode_error(&DmError::Access).bytes.is_empty());
 }
 
@@ -182,16 +117,7 @@ fn device_reply_status_fill() {
     assert_eq!(b.len(), 305);
     assert_eq!(&b[..12], &V);
     let o = reply_header(b);
-    assert_eq!(
-        (
-            o.data_size,
-            o.data_start,
-            o.target_count,
-            o.open_count,
-            o.event_nr
-        ),
-        (305, 777, 2, 3, 9)
-    );
+    assert_eq!((o.data_size, o.data_start, o.target_count, o.open_count, o.event_nr), (305, 777, 2, 3, 9));
     assert_eq!(o.dev, DevNum::new(252, 0x123).huge_encode());
     assert_eq!(&o.name[..4], b"dev\0");
     assert_eq!(o.name[10], b'z');
@@ -201,10 +127,7 @@ fn device_reply_status_fill() {
     // UEVENT_GENERATED was cleared on input and is never set.
     assert_eq!(
         o.flags(),
-        DmFlags::EXISTS
-            | DmFlags::ACTIVE_PRESENT
-            | DmFlags::DEFERRED_REMOVE
-            | DmFlags::from_bits_retain(1 << 31)
+        DmFlags::EXISTS | DmFlags::ACTIVE_PRESENT | DmFlags::DEFERRED_REMOVE | DmFlags::from_bits_retain(1 << 31)
     );
     // Everything from the fill set.
     i.suspended = true;
@@ -212,13 +135,7 @@ fn device_reply_status_fill() {
     i.inactive_present = true;
     i.deferred_remove = true;
     i.uuid = None;
-    let o = reply_header(
-        &encode(
-            &Reply::Device(i),
-            &decoded(DmCmd::DevStatus, &buf(named("a"), &[])),
-        )
-        .bytes,
-    );
+    let o = reply_header(&encode(&Reply::Device(i), &decoded(DmCmd::DevStatus, &buf(named("a"), &[]))).bytes);
     assert_eq!(
         o.flags(),
         DmFlags::EXISTS
@@ -269,58 +186,28 @@ fn removed_echoes_the_header_and_clears_deferred_unless_pending() {
     h.open_count = -5;
     h.target_count = 77;
     let d = decoded(DmCmd::DevRemove, &buf(h, &[]));
-    let r = encode(
-        &Reply::Removed {
-            name: DmName::new("dev").unwrap(),
-            uuid: uuid("U"),
-            deferred: false,
-        },
-        &d,
-    );
+    let r = encode(&Reply::Removed { name: DmName::new("dev").unwrap(), uuid: uuid("U"), deferred: false }, &d);
     let o = reply_header(ok(&r));
     assert_eq!(r.bytes.len(), 305);
-    assert_eq!(
-        (o.event_nr, o.open_count, o.target_count, o.dev),
-        (0x40_0000, -5, 77, 0)
-    );
+    assert_eq!((o.event_nr, o.open_count, o.target_count, o.dev), (0x40_0000, -5, 77, 0));
     assert_eq!(&o.name[..4], b"dev\0");
     assert_eq!(&o.uuid[..2], b"U\0");
     assert_eq!(o.flags(), DmFlags::EXISTS);
-    let r = encode(
-        &Reply::Removed {
-            name: DmName::new("dev").unwrap(),
-            uuid: None,
-            deferred: true,
-        },
-        &d,
-    );
-    assert_eq!(
-        reply_header(&r.bytes).flags(),
-        DmFlags::EXISTS | DmFlags::DEFERRED_REMOVE
-    );
+    let r = encode(&Reply::Removed { name: DmName::new("dev").unwrap(), uuid: None, deferred: true }, &d);
+    assert_eq!(reply_header(&r.bytes).flags(), DmFlags::EXISTS | DmFlags::DEFERRED_REMOVE);
 }
 
 #[test]
 fn nothing_copies_only_the_version() {
     let d = decoded(DmCmd::RemoveAll, &buf(header(), &[]));
-    assert_eq!(
-        encode(&Reply::Nothing, &d),
-        Encoded {
-            ret: 0,
-            errno: 0,
-            bytes: V.to_vec()
-        }
-    );
+    assert_eq!(encode(&Reply::Nothing, &d), Encoded { ret: 0, errno: 0, bytes: V.to_vec() });
     let d = decoded(DmCmd::DevSetGeometry, &buf(named("a"), b"1 1 1 0\0"));
     assert_eq!(encode(&Reply::Nothing, &d).bytes, V.to_vec());
 }
 
 #[test]
 fn arm_poll_returns_the_header_with_input_bits_cleared() {
-    let mut h = flagged(
-        header(),
-        DmFlags::BUFFER_FULL | DmFlags::DATA_OUT | DmFlags::SUSPEND,
-    );
+    let mut h = flagged(header(), DmFlags::BUFFER_FULL | DmFlags::DATA_OUT | DmFlags::SUSPEND);
     h.data_start = 305;
     h.event_nr = 12;
     let b = buf(h, &[]);
@@ -356,13 +243,7 @@ fn table_load_reply_is_header_only_with_data_start_echoed() {
 #[test]
 fn list_devices_records_without_uuids() {
     let d = decoded(DmCmd::ListDevices, &sized(header(), 1024, 0xaa));
-    let r = encode(
-        &Reply::DeviceList(vec![
-            entry("a", 0, 5, Some("U-a")),
-            entry("bcdefghijkl", 0x100, 6, None),
-        ]),
-        &d,
-    );
+    let r = encode(&Reply::DeviceList(vec![entry("a", 0, 5, Some("U-a")), entry("bcdefghijkl", 0x100, 6, None)]), &d);
     let b = ok(&r);
     // record 1: 12 + "a\0" → 14 → trailer at 16, ends at 24; record 2: 12 + 12 → 24, trailer at 24, ends at 32.
     assert_eq!(b.len(), P + 24 + 32);
@@ -372,11 +253,7 @@ fn list_devices_records_without_uuids() {
     assert_eq!(u32_at(b, P + 8), 24, "next is relative to the record");
     assert_eq!(&b[P + 12..P + 14], b"a\0");
     assert_eq!(&b[P + 14..P + 16], &[0xaa, 0xaa], "padding is not written");
-    assert_eq!(
-        (u32_at(b, P + 16), u32_at(b, P + 20)),
-        (5, 0),
-        "no uuid flags without DM_UUID_FLAG"
-    );
+    assert_eq!((u32_at(b, P + 16), u32_at(b, P + 20)), (5, 0), "no uuid flags without DM_UUID_FLAG");
     let r2 = P + 24;
     assert_eq!(u64_at(b, r2), DevNum::new(252, 0x100).huge_encode());
     assert_eq!(u64_at(b, r2), 0x10_0000 | 0xfc00);
@@ -387,52 +264,29 @@ fn list_devices_records_without_uuids() {
 
 #[test]
 fn list_devices_records_with_uuids() {
-    let d = decoded(
-        DmCmd::ListDevices,
-        &sized(flagged(header(), DmFlags::UUID), 1024, 0xaa),
-    );
-    let r = encode(
-        &Reply::DeviceList(vec![
-            entry("a", 0, 5, Some("U-1234567")),
-            entry("b", 1, 6, None),
-        ]),
-        &d,
-    );
+    let d = decoded(DmCmd::ListDevices, &sized(flagged(header(), DmFlags::UUID), 1024, 0xaa));
+    let r = encode(&Reply::DeviceList(vec![entry("a", 0, 5, Some("U-1234567")), entry("b", 1, 6, None)]), &d);
     let b = ok(&r);
     // record 1: name → 16, trailer 16..24, uuid "U-1234567\0" 24..34 → 40; record 2: 16 + 8 = 24.
     assert_eq!(b.len(), P + 40 + 24);
     assert_eq!(u32_at(b, P + 8), 40);
-    assert_eq!(
-        (u32_at(b, P + 16), u32_at(b, P + 20)),
-        (5, DM_NAME_LIST_FLAG_HAS_UUID)
-    );
+    assert_eq!((u32_at(b, P + 16), u32_at(b, P + 20)), (5, DM_NAME_LIST_FLAG_HAS_UUID));
     assert_eq!(&b[P + 24..P + 34], b"U-1234567\0");
     assert_eq!(&b[P + 34..P + 40], &[0xaa; 6]);
     let r2 = P + 40;
     assert_eq!(u32_at(b, r2 + 8), 0);
-    assert_eq!(
-        (u32_at(b, r2 + 16), u32_at(b, r2 + 20)),
-        (6, DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID)
-    );
+    assert_eq!((u32_at(b, r2 + 16), u32_at(b, r2 + 20)), (6, DM_NAME_LIST_FLAG_DOESNT_HAVE_UUID));
 }
 
 #[test]
 fn list_devices_buffer_full_never_truncates() {
     let list = vec![entry("a", 0, 5, None), entry("b", 1, 6, None)];
     // Exactly the 48 bytes needed fit.
-    let r = encode(
-        &Reply::DeviceList(list.clone()),
-        &decoded(DmCmd::ListDevices, &sized(header(), P + 48, 0)),
-    );
+    let r = encode(&Reply::DeviceList(list.clone()), &decoded(DmCmd::ListDevices, &sized(header(), P + 48, 0)));
     assert_eq!(reply_header(&r.bytes).data_size, P as u32 + 48);
-    assert!(!reply_header(&r.bytes)
-        .flags()
-        .contains(DmFlags::BUFFER_FULL));
+    assert!(!reply_header(&r.bytes).flags().contains(DmFlags::BUFFER_FULL));
     // One byte less: BUFFER_FULL, header only, data_start already 312.
-    let r = encode(
-        &Reply::DeviceList(list),
-        &decoded(DmCmd::ListDevices, &sized(header(), P + 47, 0)),
-    );
+    let r = encode(&Reply::DeviceList(list), &decoded(DmCmd::ListDevices, &sized(header(), P + 47, 0)));
     let o = reply_header(ok(&r));
     assert_eq!(r.bytes.len(), 305);
     assert_eq!((o.data_size, o.data_start), (305, 312));
@@ -443,32 +297,18 @@ fn list_devices_buffer_full_never_truncates() {
 fn list_devices_empty() {
     let mut h = header();
     h.data = [0xbb; 7];
-    let r = encode(
-        &Reply::DeviceList(vec![]),
-        &decoded(DmCmd::ListDevices, &sized(h, 2048, 0xaa)),
-    );
+    let r = encode(&Reply::DeviceList(vec![]), &decoded(DmCmd::ListDevices, &sized(h, 2048, 0xaa)));
     let b = ok(&r);
     assert_eq!(b.len(), 312, "the zero dev at 312 is not copied");
     assert_eq!(reply_header(b).data_size, 312);
     assert_eq!(&b[305..312], &[0xbb; 7], "the header's data[7] echoes");
     // Fewer than 8 bytes of space is BUFFER_FULL even with nothing to list.
     for size in [305, 312, 319] {
-        let r = encode(
-            &Reply::DeviceList(vec![]),
-            &decoded(DmCmd::ListDevices, &sized(header(), size, 0)),
-        );
-        assert!(
-            reply_header(&r.bytes)
-                .flags()
-                .contains(DmFlags::BUFFER_FULL),
-            "{size}"
-        );
+        let r = encode(&Reply::DeviceList(vec![]), &decoded(DmCmd::ListDevices, &sized(header(), size, 0)));
+        assert!(reply_header(&r.bytes).flags().contains(DmFlags::BUFFER_FULL), "{size}");
         assert_eq!(r.bytes.len(), 305);
     }
-    let r = encode(
-        &Reply::DeviceList(vec![]),
-        &decoded(DmCmd::ListDevices, &sized(header(), 320, 0)),
-    );
+    let r = encode(&Reply::DeviceList(vec![]), &decoded(DmCmd::ListDevices, &sized(header(), 320, 0)));
     assert_eq!(r.bytes.len(), 312);
 }
 
@@ -491,9 +331,7 @@ fn deps_layout() {
     let d = decoded(DmCmd::TableDeps, &sized(named("a"), P + 23, 0));
     let r = encode(&Reply::Deps(info("a", 0), Some(devs)), &d);
     assert_eq!(r.bytes.len(), 305);
-    assert!(reply_header(&r.bytes)
-        .flags()
-        .contains(DmFlags::BUFFER_FULL));
+    assert!(reply_header(&r.bytes).flags().contains(DmFlags::BUFFER_FULL));
     // Empty table: count 0.
     let d = decoded(DmCmd::TableDeps, &sized(named("a"), 1024, 0xaa));
     let r = encode(&Reply::Deps(info("a", 0), Some(vec![])), &d);
@@ -517,11 +355,8 @@ fn deps_without_a_table_is_header_only() {
 #[test]
 fn status_layout() {
     let d = decoded(DmCmd::TableStatus, &sized(named("a"), 4096, 0xaa));
-    let targets = vec![
-        ts(0, 100, "linear", "7:0 0"),
-        ts(100, 8, "zero", ""),
-        ts(108, 8, "a-very-long-target-name", "x"),
-    ];
+    let targets =
+        vec![ts(0, 100, "linear", "7:0 0"), ts(100, 8, "zero", ""), ts(108, 8, "a-very-long-target-name", "x")];
     let mut i = info("a", 0);
     i.target_count = 3;
     i.active_present = true;
@@ -531,10 +366,7 @@ fn status_layout() {
     // spec 3 at 96: 40 + "x\0" → 138 (data ends here) → next 144.
     assert_eq!(b.len(), P + 138);
     let o = reply_header(b);
-    assert_eq!(
-        (o.data_size, o.data_start, o.target_count),
-        (P as u32 + 138, 312, 3)
-    );
+    assert_eq!((o.data_size, o.data_start, o.target_count), (P as u32 + 138, 312, 3));
     assert!(o.flags().contains(DmFlags::ACTIVE_PRESENT));
     assert_eq!(u64_at(b, P), 0);
     assert_eq!(u64_at(b, P + 8), 100);
@@ -543,22 +375,10 @@ fn status_layout() {
     assert_eq!(&b[P + 24..P + 40], b"linear\0\0\0\0\0\0\0\0\0\0");
     assert_eq!(&b[P + 40..P + 46], b"7:0 0\0");
     assert_eq!(&b[P + 46..P + 48], &[0xaa, 0xaa]);
-    assert_eq!(
-        u32_at(b, P + 48 + 20),
-        96,
-        "next is measured from the first spec"
-    );
+    assert_eq!(u32_at(b, P + 48 + 20), 96, "next is measured from the first spec");
     assert_eq!(b[P + 48 + 40], 0);
-    assert_eq!(
-        u32_at(b, P + 96 + 20),
-        144,
-        "the last next points past its padded end"
-    );
-    assert_eq!(
-        &b[P + 96 + 24..P + 96 + 40],
-        b"a-very-long-tar\0",
-        "strscpy_pad to 16"
-    );
+    assert_eq!(u32_at(b, P + 96 + 20), 144, "the last next points past its padded end");
+    assert_eq!(&b[P + 96 + 24..P + 96 + 40], b"a-very-long-tar\0", "strscpy_pad to 16");
     assert_eq!(&b[P + 136..P + 138], b"x\0");
 }
 
@@ -594,13 +414,7 @@ fn status_buffer_full() {
     assert!(o.flags().contains(DmFlags::BUFFER_FULL));
     // Odd sizes where the aligned position passes the end report full rather than wrap.
     let d = decoded(DmCmd::TableStatus, &sized(named("a"), P + 50, 0));
-    let r = encode(
-        &Reply::Status(
-            info("a", 0),
-            Some(vec![ts(0, 8, "t", "abcdefgh"), ts(8, 8, "t", "")]),
-        ),
-        &d,
-    );
+    let r = encode(&Reply::Status(info("a", 0), Some(vec![ts(0, 8, "t", "abcdefgh"), ts(8, 8, "t", "")])), &d);
     let o = reply_header(&r.bytes);
     assert!(o.flags().contains(DmFlags::BUFFER_FULL));
     assert_eq!(o.data_size, P as u32 + 49);
@@ -630,18 +444,9 @@ fn status_without_a_table_is_header_only() {
 fn versions_layout() {
     let d = decoded(DmCmd::ListVersions, &sized(header(), 1024, 0xaa));
     let list = vec![
-        TargetVersion {
-            name: "striped".into(),
-            version: [1, 7, 0],
-        },
-        TargetVersion {
-            name: "linear".into(),
-            version: [1, 5, 0],
-        },
-        TargetVersion {
-            name: "error".into(),
-            version: [1, 7, 0],
-        },
+        TargetVersion { name: "striped".into(), version: [1, 7, 0] },
+        TargetVersion { name: "linear".into(), version: [1, 5, 0] },
+        TargetVersion { name: "error".into(), version: [1, 7, 0] },
     ];
     let r = encode(&Reply::Versions(list), &d);
     let b = ok(&r);
@@ -650,64 +455,36 @@ fn versions_layout() {
     assert_eq!(reply_header(b).data_size, P as u32 + 90);
     assert_eq!(reply_header(b).data_start, 312);
     assert_eq!(u32_at(b, P), 24, "16 + 8 → 24");
-    assert_eq!(
-        (u32_at(b, P + 4), u32_at(b, P + 8), u32_at(b, P + 12)),
-        (1, 7, 0)
-    );
+    assert_eq!((u32_at(b, P + 4), u32_at(b, P + 8), u32_at(b, P + 12)), (1, 7, 0));
     assert_eq!(&b[P + 16..P + 24], b"striped\0");
     assert_eq!(u32_at(b, P + 24), 24, "16 + 7 → 23 → 24");
     assert_eq!(&b[P + 40..P + 47], b"linear\0");
     assert_eq!(b[P + 47], 0xaa);
     assert_eq!(u32_at(b, P + 48), 0, "last");
     assert_eq!(&b[P + 64..P + 70], b"error\0");
-    assert_eq!(
-        &b[P + 70..P + 90],
-        &[0xaa; 20],
-        "the over-estimate shows the caller's bytes"
-    );
+    assert_eq!(&b[P + 70..P + 90], &[0xaa; 20], "the over-estimate shows the caller's bytes");
 }
 
 #[test]
 fn versions_buffer_full() {
-    let list = vec![TargetVersion {
-        name: "linear".into(),
-        version: [1, 5, 0],
-    }];
-    let r = encode(
-        &Reply::Versions(list.clone()),
-        &decoded(DmCmd::ListVersions, &sized(header(), P + 30, 0)),
-    );
+    let list = vec![TargetVersion { name: "linear".into(), version: [1, 5, 0] }];
+    let r = encode(&Reply::Versions(list.clone()), &decoded(DmCmd::ListVersions, &sized(header(), P + 30, 0)));
     assert_eq!(r.bytes.len(), P + 30);
-    let r = encode(
-        &Reply::Versions(list),
-        &decoded(DmCmd::ListVersions, &sized(header(), P + 29, 0)),
-    );
+    let r = encode(&Reply::Versions(list), &decoded(DmCmd::ListVersions, &sized(header(), P + 29, 0)));
     assert_eq!(r.bytes.len(), 305);
-    assert!(reply_header(&r.bytes)
-        .flags()
-        .contains(DmFlags::BUFFER_FULL));
+    assert!(reply_header(&r.bytes).flags().contains(DmFlags::BUFFER_FULL));
 }
 
 #[test]
 fn target_version_is_one_record() {
     let d = decoded(DmCmd::GetTargetVersion, &sized(named("zero"), 2048, 0));
-    let r = encode(
-        &Reply::TargetVersion(TargetVersion {
-            name: "zero".into(),
-            version: [1, 2, 0],
-        }),
-        &d,
-    );
+    let r = encode(&Reply::TargetVersion(TargetVersion { name: "zero".into(), version: [1, 2, 0] }), &d);
     let b = ok(&r);
     assert_eq!(b.len(), P + 16 + 5 + 7);
     assert_eq!(u32_at(b, P), 0);
     assert_eq!((u32_at(b, P + 4), u32_at(b, P + 8)), (1, 2));
     assert_eq!(&b[P + 16..P + 21], b"zero\0");
-    assert_eq!(
-        &reply_header(b).name[..5],
-        b"zero\0",
-        "the name field is left alone"
-    );
+    assert_eq!(&reply_header(b).name[..5], b"zero\0", "the name field is left alone");
 }
 
 // ---- TARGET_MSG ----------------------------------------------------------------------------
@@ -729,10 +506,7 @@ fn message_with_output() {
     assert_eq!(b.len(), P + 14);
     let o = reply_header(b);
     assert_eq!((o.data_size, o.data_start), (P as u32 + 14, 312));
-    assert_eq!(
-        o.flags(),
-        DmFlags::EXISTS | DmFlags::ACTIVE_PRESENT | DmFlags::DATA_OUT
-    );
+    assert_eq!(o.flags(), DmFlags::EXISTS | DmFlags::ACTIVE_PRESENT | DmFlags::DATA_OUT);
     assert_eq!(&b[P..], b"0: 0+8 8 - -\n\0");
 }
 
@@ -748,21 +522,12 @@ fn message_without_output() {
 #[test]
 fn message_buffer_full_when_text_fills_the_space() {
     // Capacity 16: 14 chars + NUL = 15 < 16 fits; 15 + NUL = 16 does not.
-    let r = encode(
-        &Reply::Message(info("a", 2), Some("x".repeat(14))),
-        &msg(P + 16),
-    );
+    let r = encode(&Reply::Message(info("a", 2), Some("x".repeat(14))), &msg(P + 16));
     assert_eq!(r.bytes.len(), P + 15);
-    let r = encode(
-        &Reply::Message(info("a", 2), Some("x".repeat(15))),
-        &msg(P + 16),
-    );
+    let r = encode(&Reply::Message(info("a", 2), Some("x".repeat(15))), &msg(P + 16));
     let o = reply_header(&r.bytes);
     assert_eq!(r.bytes.len(), 305);
-    assert_eq!(
-        o.flags() & (DmFlags::DATA_OUT | DmFlags::BUFFER_FULL),
-        DmFlags::DATA_OUT | DmFlags::BUFFER_FULL
-    );
+    assert_eq!(o.flags() & (DmFlags::DATA_OUT | DmFlags::BUFFER_FULL), DmFlags::DATA_OUT | DmFlags::BUFFER_FULL);
     // The smallest valid message buffer: data_start 305, sector, "" → 314 bytes, capacity 2.
     let mut h = named("a");
     h.data_start = 305;
@@ -770,9 +535,7 @@ fn message_buffer_full_when_text_fills_the_space() {
     b[305..314].fill(0);
     let d = decoded(DmCmd::TargetMsg, &b);
     let r = encode(&Reply::Message(info("a", 2), Some("x".into())), &d);
-    assert!(reply_header(&r.bytes)
-        .flags()
-        .contains(DmFlags::BUFFER_FULL));
+    assert!(reply_header(&r.bytes).flags().contains(DmFlags::BUFFER_FULL));
     let r = encode(&Reply::Message(info("a", 2), Some(String::new())), &d);
     assert_eq!(r.bytes.len(), P + 1);
     assert_eq!(r.bytes[P], 0);
@@ -781,39 +544,22 @@ fn message_buffer_full_when_text_fills_the_space() {
 #[test]
 fn message_no_table_returns_two() {
     let r = encode(&Reply::MessageNoTable, &msg(1024));
-    assert_eq!(
-        r,
-        Encoded {
-            ret: 2,
-            errno: 0,
-            bytes: V.to_vec()
-        }
-    );
+    assert_eq!(r, Encoded { ret: 2, errno: 0, bytes: V.to_vec() });
 }
 
 // ---- guards ----------------------------------------------------------------------------------
 
 #[test]
 fn replies_never_exceed_the_input() {
-    let many: Vec<_> = (0..100)
-        .map(|i| entry(&format!("dev{i}"), i, i, Some("U")))
-        .collect();
+    let many: Vec<_> = (0..100).map(|i| entry(&format!("dev{i}"), i, i, Some("U"))).collect();
     for size in [305, 311, 312, 320, 400, 4096] {
         let h = flagged(named("a"), DmFlags::UUID);
         for cmd in [DmCmd::ListDevices, DmCmd::TableStatus, DmCmd::ListVersions] {
             let d = decoded(cmd, &sized(h, size, 0));
             let reply = match cmd {
                 DmCmd::ListDevices => Reply::DeviceList(many.clone()),
-                DmCmd::TableStatus => {
-                    Reply::Status(info("a", 0), Some(vec![ts(0, 1, "t", "status"); 50]))
-                }
-                _ => Reply::Versions(vec![
-                    TargetVersion {
-                        name: "n".into(),
-                        version: [1, 0, 0]
-                    };
-                    40
-                ]),
+                DmCmd::TableStatus => Reply::Status(info("a", 0), Some(vec![ts(0, 1, "t", "status"); 50])),
+                _ => Reply::Versions(vec![TargetVersion { name: "n".into(), version: [1, 0, 0] }; 40]),
             };
             let r = encode(&reply, &d);
             assert!(r.bytes.len() <= size.max(305), "{cmd} {size}");

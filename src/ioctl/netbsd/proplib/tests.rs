@@ -70,7 +70,13 @@ fn example_sizes_match_the_spec() {
         ]))
     };
     let reload = d(vec![
-        ("cmd_data", Value::Array(vec![entry(0x800, "/dev/wd0e 2048", 0, "linear"), entry(0x1000, "2 128 /dev/wd1e 0 /dev/wd2e 0", 0x800, "striped")])),
+        (
+            "cmd_data",
+            Value::Array(vec![
+                entry(0x800, "/dev/wd0e 2048", 0, "linear"),
+                entry(0x1000, "2 128 /dev/wd1e 0 /dev/wd2e 0", 0x800, "striped"),
+            ]),
+        ),
         ("command", Value::str("reload")),
         ("event_nr", Value::u(0u32)),
         ("flags", Value::u(4u32)),
@@ -160,7 +166,9 @@ fn accepted_variations() {
     // No prologue, several declarations, comments, the plist attribute, trailing junk, the NUL.
     for s in [
         format!("<plist>{body}</plist>"),
-        format!("  \n<?xml version=\"1.0\"?><?xml x?>\n<!DOCTYPE plist SYSTEM \"x\"><plist version=\"9\">{body}</plist>"),
+        format!(
+            "  \n<?xml version=\"1.0\"?><?xml x?>\n<!DOCTYPE plist SYSTEM \"x\"><plist version=\"9\">{body}</plist>"
+        ),
         format!("<!-- c --><plist><!-- c -->{body}<!-- c --></plist>trailing garbage"),
         format!("<plist>{body}</plist>\n\0<junk after the NUL"),
     ] {
@@ -170,7 +178,17 @@ fn accepted_variations() {
     let s = "<plist><dict><key>a</key><integer>1</integer><key>a</key><array><dict/><array/><string/><true/><false/><data>AAE=</data></array></dict></plist>";
     assert_eq!(
         parse(s).unwrap(),
-        d(vec![("a", Value::Array(vec![Value::Dict(Dict::new()), Value::Array(vec![]), Value::str(""), Value::Bool(true), Value::Bool(false), Value::Data(vec![0, 1])]))])
+        d(vec![(
+            "a",
+            Value::Array(vec![
+                Value::Dict(Dict::new()),
+                Value::Array(vec![]),
+                Value::str(""),
+                Value::Bool(true),
+                Value::Bool(false),
+                Value::Data(vec![0, 1])
+            ])
+        )])
     );
     assert_eq!(parse("<plist><dict/></plist>"), Ok(Dict::new()));
     assert_eq!(parse(&format!("<plist><dict><key>{}</key><true/></dict></plist>", "k".repeat(128))).unwrap().len(), 1);
@@ -216,7 +234,8 @@ fn refused_documents() {
 #[test]
 fn nesting_is_bounded() {
     // The root dictionary is level 1.
-    let nested = |n: usize| format!("<plist><dict><key>a</key>{}{}</dict></plist>", "<array>".repeat(n), "</array>".repeat(n));
+    let nested =
+        |n: usize| format!("<plist><dict><key>a</key>{}{}</dict></plist>", "<array>".repeat(n), "</array>".repeat(n));
     assert!(parse(&nested(MAX_DEPTH - 1)).is_ok());
     assert!(parse(&nested(MAX_DEPTH)).is_err());
     // Far beyond: refused without recursion.
@@ -234,7 +253,8 @@ fn value_strategy() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(4, 48, 6, |inner| {
         prop_oneof![
             proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            proptest::collection::btree_map(proptest::collection::vec(1u8..=255, 0..8), inner, 0..6).prop_map(Value::Dict),
+            proptest::collection::btree_map(proptest::collection::vec(1u8..=255, 0..8), inner, 0..6)
+                .prop_map(Value::Dict),
         ]
     })
 }

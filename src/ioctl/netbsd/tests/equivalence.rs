@@ -143,14 +143,17 @@ fn netbsd_outcome(op: &Op, r: &crate::ioctl::netbsd::PlistReply) -> Outcome {
             s.inactive = Some(f & flags::INACTIVE_PRESENT != 0);
         }
         Kind::Names => {
-            s.names = entries(&d).into_iter().map(|e| (str_of(e, "name").unwrap(), u32_of(e, "dev").unwrap())).collect();
+            s.names =
+                entries(&d).into_iter().map(|e| (str_of(e, "name").unwrap(), u32_of(e, "dev").unwrap())).collect();
         }
         Kind::Versions => {
             s.versions = entries(&d)
                 .into_iter()
                 .map(|e| {
                     let v = match e.get(b"ver".as_slice()) {
-                        Some(Value::Array(a)) => a.iter().map(|n| n.as_num().and_then(Num::as_u32).unwrap()).collect::<Vec<_>>(),
+                        Some(Value::Array(a)) => {
+                            a.iter().map(|n| n.as_num().and_then(Num::as_u32).unwrap()).collect::<Vec<_>>()
+                        }
                         _ => panic!("ver"),
                     };
                     (str_of(e, "name").unwrap(), [v[0], v[1], v[2]])
@@ -160,7 +163,9 @@ fn netbsd_outcome(op: &Op, r: &crate::ioctl::netbsd::PlistReply) -> Outcome {
         Kind::Deps => {
             s.minor = u32_of(&d, "minor");
             s.deps = match d.get(b"cmd_data".as_slice()) {
-                Some(Value::Array(a)) => a.iter().map(|v| DevNum::huge_decode(v.as_num().and_then(Num::as_u64).unwrap())).collect(),
+                Some(Value::Array(a)) => {
+                    a.iter().map(|v| DevNum::huge_decode(v.as_num().and_then(Num::as_u64).unwrap())).collect()
+                }
                 _ => panic!("deps without cmd_data"),
             };
         }

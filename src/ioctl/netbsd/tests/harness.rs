@@ -72,18 +72,35 @@ pub enum Op {
     Version,
     Targets,
     Names,
-    Create { name: String, uuid: Option<String> },
+    Create {
+        name: String,
+        uuid: Option<String>,
+    },
     Info(Sel),
     Mknodes(Sel),
     Suspend(Sel),
     Resume(Sel),
     Remove(Sel),
     Clear(Sel),
-    Deps { sel: Sel, inactive: bool },
+    Deps {
+        sel: Sel,
+        inactive: bool,
+    },
     /// `table`: with STATUS_TABLE; `command` is "status" or "table" (NetBSD decides by the flag).
-    Status { sel: Sel, command: &'static str, table: bool, inactive: bool },
-    Rename { name: String, new: String },
-    Reload { sel: Sel, lines: Vec<Line> },
+    Status {
+        sel: Sel,
+        command: &'static str,
+        table: bool,
+        inactive: bool,
+    },
+    Rename {
+        name: String,
+        new: String,
+    },
+    Reload {
+        sel: Sel,
+        lines: Vec<Line>,
+    },
 }
 
 pub fn create(n: &str) -> Op {
@@ -306,12 +323,22 @@ pub fn xml_text(xml: &[u8]) -> String {
 pub fn render_request(xml: &[u8]) -> String {
     match xml.last() {
         Some(0) => format!("== NetBSD request: pref_len {} ==\n{}", xml.len(), xml_text(xml)),
-        _ => format!("== NetBSD request: pref_len {}, no NUL (the kernel adds one) ==\n{}\n", xml.len(), String::from_utf8_lossy(xml)),
+        _ => format!(
+            "== NetBSD request: pref_len {}, no NUL (the kernel adds one) ==\n{}\n",
+            xml.len(),
+            String::from_utf8_lossy(xml)
+        ),
     }
 }
 
 pub fn render_netbsd(title: &str, r: &PlistReply) -> String {
-    format!("== {title}: ret {} errno {}, pref_len {} ==\n{}", r.ret, errno_name(r.errno), r.xml.len(), xml_text(&r.xml))
+    format!(
+        "== {title}: ret {} errno {}, pref_len {} ==\n{}",
+        r.ret,
+        errno_name(r.errno),
+        r.xml.len(),
+        xml_text(&r.xml)
+    )
 }
 
 /// What a Linux reply says, decoded.
@@ -405,9 +432,22 @@ impl std::fmt::Display for LinuxView {
         };
         let fl = h.flags();
         let names: Vec<&str> = fl.iter_names().map(|(n, _)| n).collect();
-        writeln!(f, "version {}.{}.{}, data_size {}, flags {:#x} [{}]", h.version[0], h.version[1], h.version[2], h.data_size, fl.bits(), names.join("|"))?;
+        writeln!(
+            f,
+            "version {}.{}.{}, data_size {}, flags {:#x} [{}]",
+            h.version[0],
+            h.version[1],
+            h.version[2],
+            h.data_size,
+            fl.bits(),
+            names.join("|")
+        )?;
         let dev = DevNum::huge_decode(h.dev);
-        writeln!(f, "dev {dev}, open_count {}, event_nr {}, target_count {}", h.open_count, h.event_nr, h.target_count)?;
+        writeln!(
+            f,
+            "dev {dev}, open_count {}, event_nr {}, target_count {}",
+            h.open_count, h.event_nr, h.target_count
+        )?;
         writeln!(f, "name {:?}, uuid {:?}", cstr(&h.name, 0), cstr(&h.uuid, 0))?;
         for (d, n) in &self.names {
             writeln!(f, "device {d} {n:?}")?;
@@ -468,7 +508,8 @@ impl Pair {
         s += &render_netbsd("NetBSD reply", &real);
         if compat != real {
             assert_eq!(compat.xml, real.xml, "the modes differ only in ret/errno");
-            writeln!(s, "== compat mode: ret {} errno {}, same dictionary ==", compat.ret, errno_name(compat.errno)).unwrap();
+            writeln!(s, "== compat mode: ret {} errno {}, same dictionary ==", compat.ret, errno_name(compat.errno))
+                .unwrap();
         }
         s
     }
@@ -485,5 +526,10 @@ pub fn parse_reply(r: &PlistReply) -> Dict {
 pub fn table_lines(e: &Engine, minor: u32, inactive: bool) -> Option<Vec<String>> {
     let d = e.device(minor)?;
     let t = if inactive { d.inactive.as_ref() } else { d.live.as_deref() };
-    t.map(|t| t.status(StatusType::Table, false).into_iter().map(|s| format!("{} {} {} {}", s.start, s.length, s.target_type, s.text)).collect())
+    t.map(|t| {
+        t.status(StatusType::Table, false)
+            .into_iter()
+            .map(|s| format!("{} {} {} {}", s.start, s.length, s.target_type, s.text))
+            .collect()
+    })
 }

@@ -43,7 +43,10 @@ fn version_mismatch() {
     // Major 5, then minor 17 (newer than 4.16): EIO, the dictionary back untouched.
     let mut p = Pair::new();
     let mut s = p.snapshot_netbsd(&raw(vec![("command", Value::str("version")), ("version", ver(5, 0))]), true);
-    s += &p.snapshot_netbsd(&raw(vec![("command", Value::str("info")), ("name", Value::str("a")), ("version", ver(4, 17))]), true);
+    s += &p.snapshot_netbsd(
+        &raw(vec![("command", Value::str("info")), ("name", Value::str("a")), ("version", ver(4, 17))]),
+        true,
+    );
     assert_snapshot!("version_mismatch", s);
 }
 
@@ -151,7 +154,10 @@ fn rename() {
     s += &p.snapshot(&Op::Rename { name: "b2".into(), new: "a".into() });
     s += &p.snapshot(&Op::Rename { name: "nope".into(), new: "x".into() });
     s += &p.snapshot(&Op::Rename { name: "a".into(), new: "n".repeat(128) });
-    s += &p.snapshot_netbsd(&raw(vec![("command", Value::str("rename")), ("name", Value::str("a")), ("version", ver(4, 0))]), true);
+    s += &p.snapshot_netbsd(
+        &raw(vec![("command", Value::str("rename")), ("name", Value::str("a")), ("version", ver(4, 0))]),
+        true,
+    );
     assert_snapshot!("rename", s);
 }
 
@@ -188,7 +194,12 @@ fn reload_errors() {
     s += &p.snapshot(&reload("b", &[]));
     // No params key: EINVAL after `minor` was written.
     let xml = raw(vec![
-        ("cmd_data", Value::Array(vec![Value::Dict([(b"type".to_vec(), Value::str("zero")), (b"length".to_vec(), Value::u(8u32))].into_iter().collect())])),
+        (
+            "cmd_data",
+            Value::Array(vec![Value::Dict(
+                [(b"type".to_vec(), Value::str("zero")), (b"length".to_vec(), Value::u(8u32))].into_iter().collect(),
+            )]),
+        ),
         ("command", Value::str("reload")),
         ("name", Value::str("b")),
         ("version", ver(4, 0)),
@@ -237,7 +248,10 @@ fn commands_netbsd_does_not_have() {
     let mut p = two_devices();
     let mut s = String::new();
     for c in ["remove_all", "message", "setgeometry", "waitevent", "table_load", "table_status", "TABLE"] {
-        s += &p.snapshot_netbsd(&raw(vec![("command", Value::str(c)), ("name", Value::str("a")), ("version", ver(4, 0))]), true);
+        s += &p.snapshot_netbsd(
+            &raw(vec![("command", Value::str(c)), ("name", Value::str("a")), ("version", ver(4, 0))]),
+            true,
+        );
     }
     // No command string at all, or not a string.
     s += &p.snapshot_netbsd(&raw(vec![("version", ver(4, 0))]), true);
