@@ -44,22 +44,7 @@ impl Client {
     /// Sends one IOCTL frame and waits for its reply, skipping EVENT frames.
     pub fn ioctl(&mut self, request: u64, buf: &[u8]) -> io::Result<IoctlResult> {
         frame::write_frame(&mut self.stream, Kind::Ioctl, &[&request.to_le_bytes(), buf])?;
-        loop {
-            let mut h = [0u8; HEADER_LEN];
-            self.stream.read_exact(&mut h)?;
-            let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-            let kind = u16::from_le_bytes([h[4], h[5]]);
-            let payload = frame::read_payload(&mut self.stream, len)?;
-            if kind == Kind::Event as u16 {
-                continue;
-            }
-            if kind != Kind::IoctlReply as u16 || payload.len() < 8 {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected reply frame"));
-            }
-            let ret = i32::from_le_bytes(payload[0..4].try_into().expect("4 bytes"));
-            let errno = i32::from_le_bytes(payload[4..8].try_into().expect("4 bytes"));
-            return Ok(IoctlResult { ret, errno, bytes: payload[8..].to_vec() });
-        }
+        self.reply(Kind::IoctlReply)
     }
 
     /// Sends one PLIST frame (`NETBSD_DM_IOCTL`: the XML with its NUL) and waits for the
@@ -67,6 +52,11 @@ impl Client {
     /// copy-in failed).
     pub fn plist(&mut self, xml: &[u8]) -> io::Result<IoctlResult> {
         frame::write_frame(&mut self.stream, Kind::Plist, &[xml])?;
+        self.reply(Kind::PlistReply)
+    }
+
+    /// Reads frames up to the reply of kind `want` (return value, errno, bytes), skipping EVENTs.
+    fn reply(&mut self, want: Kind) -> io::Result<IoctlResult> {
         loop {
             let mut h = [0u8; HEADER_LEN];
             self.stream.read_exact(&mut h)?;
@@ -76,7 +66,7 @@ impl Client {
             if kind == Kind::Event as u16 {
                 continue;
             }
-            if kind != Kind::PlistReply as u16 || payload.len() < 8 {
+            if kind != want as u16 || payload.len() < 8 {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected reply frame"));
             }
             let ret = i32::from_le_bytes(payload[0..4].try_into().expect("4 bytes"));

@@ -51,32 +51,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 impl Daemon {
     pub fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "dmemu-test-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("control.sock");
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-        let child = Command::new(bin())
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .arg("--run-dir")
-            .arg(&dir)
-            .env("DMEMU_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start dmemu serve");
-        let d = Daemon { dir, socket, child };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&d.socket).is_err() {
-            assert!(Instant::now() < deadline, "daemon did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
+        Self::start_with(&[])
     }
 
     /// A daemon started with extra `dmemu serve` arguments (e.g. `--netbsd-errors=compat`).
