@@ -42,6 +42,7 @@ const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
 const CMD_TRIM: u16 = 4;
 const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_BLOCK_STATUS: u16 = 7;
 const FLAG_FUA: u16 = 1;
 const FLAG_NO_HOLE: u16 = 2;
 const TF_READ_ONLY: u16 = 1 << 1;
@@ -774,4 +775,95 @@ fn tcp_listener_serves_the_same_exports() {
     assert!(info.ok().contains("\"export-size\": 1048576"), "{info:?}");
     // With --nbd given, the default socket is not created.
     assert!(!d.nbd_socket().exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// base:allocation block status, and fio.
+
+/// `nbdinfo --map` of an export: (offset, length, state name) per run.
+fn map(d: &Daemon, name: &str) -> Vec<(u64, u64, String)> {
+    let o = d.run("nbdinfo", &["--map", &d.nbd_uri(name)]);
+    o.ok()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 4, "nbdinfo --map line {l:?}");
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[3].to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn block_status_reports_holes_data_and_zero_targets_through_the_stack() {
+    let d = Daemon::start();
+    let f = d.file("sparse.img", 8192); // 4 MiB, all hole
+    write_at(&f, MIB, &pattern(11, 64 * KIB as usize));
+    // 0..4 MiB -> the file; 4..5 MiB zero; 5..6 MiB error.
+    let table = format!("0 8192 linear {f} 0\n8192 2048 zero\n10240 2048 error\n");
+    d.dmsetup_stdin(&["create", "bs"], &table).ok();
+    let info = d.run("nbdinfo", &["--json", &d.nbd_uri("bs")]);
+    assert!(info.ok().contains("\"base:allocation\""), "LIST_META_CONTEXT offers base:allocation: {info:?}");
+    let hz = "hole,zero".to_owned();
+    let want = vec![
+        (0, MIB, hz.clone()),
+        (MIB, 64 * KIB, "data".to_owned()),
+        // The file's tail hole and the zero target merge into one run.
+        (MIB + 64 * KIB, 4 * MIB - 64 * KIB, hz.clone()),
+        (5 * MIB, MIB, "data".to_owned()),
+    ];
+    assert_eq!(map(&d, "bs"), want);
+    // A linear device over it, shifted by 512 KiB, sees the same runs shifted.
+    let low = d.dev_num("bs");
+    d.dmsetup(&["create", "up", "--table", &format!("0 4096 linear {low} 1024")]).ok();
+    assert_eq!(
+        map(&d, "up"),
+        vec![(0, 512 * KIB, hz.clone()), (512 * KIB, 64 * KIB, "data".to_owned()), (576 * KIB, 1472 * KIB, hz)]
+    );
+    // qemu reads the same map through its own NBD client.
+    let o = d.run("qemu-img", &["map", "--output=json", "-f", "raw", &d.nbd_uri("up")]);
+    let json = o.ok();
+    assert!(json.contains("\"start\": 524288, \"length\": 65536") && json.contains("\"data\": true"), "{json}");
+
+    // Without SET_META_CONTEXT the command is refused, and the connection goes on.
+    let mut c = open(&d, "bs");
+    assert_eq!(c.call(CMD_BLOCK_STATUS, 0, 0, 4096, &[]), Err(EINVAL));
+    assert_eq!(c.read(MIB, 512).unwrap(), pattern(11, 512));
+}
+
+#[test]
+fn fio_verify_job_through_a_two_segment_linear_device() {
+    let d = Daemon::start();
+    let a = d.file("a.img", 8192); // 4 MiB each
+    let b = d.file("b.img", 8192);
+    // 0..2 MiB -> a at 1 MiB; 2..6 MiB -> b at 0.
+    let table = format!("0 4096 linear {a} 2048\n4096 8192 linear {b} 0\n");
+    d.dmsetup_stdin(&["create", "fv"], &table).ok();
+    let o = d.run(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={}", d.nbd_uri("fv")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=6M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--randseed=42",
+            "--output-format=json",
+        ],
+    );
+    let out = o.ok();
+    let json = &out[out.find('{').expect("fio JSON")..];
+    for key in ["\"error\" : 0", "\"io_bytes\" : 6291456"] {
+        assert!(json.contains(key), "fio output lacks {key}: {json}");
+    }
+    // Every block was written once and verified; the export's bytes are the files' bytes at the
+    // table's offsets, and none of them is still zero (fio fills blocks with random data).
+    let got = nbdcopy_from(&d, "fv");
+    assert!(got[..2 * MIB as usize] == read_at(&a, MIB, 2 * MIB as usize));
+    assert!(got[2 * MIB as usize..] == read_at(&b, 0, 4 * MIB as usize));
+    assert!(got.chunks(4096).all(|blk| blk.iter().any(|&x| x != 0)), "a block fio never wrote");
+    assert!(read_at(&a, 0, MIB as usize).iter().all(|&x| x == 0), "a.img before the mapping untouched");
 }

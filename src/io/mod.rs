@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::dm::pdev::{Pdev, PdevKind};
 use crate::dm::table::Table;
@@ -62,6 +62,9 @@ struct GateState {
     read_only: bool,
     /// Requests between entering and leaving the gate.
     inflight: u64,
+    /// Suspends waiting for `inflight` to reach zero: only they need a wake-up when a request
+    /// leaves (a condvar notify is a syscall even with nobody waiting).
+    drainers: u32,
     removed: bool,
 }
 
@@ -82,15 +85,19 @@ struct Pass<'a> {
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
-        let mut s = self.dev.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.dev.state();
         s.inflight -= 1;
-        if s.inflight == 0 {
+        if s.inflight == 0 && s.drainers > 0 {
             self.dev.changed.notify_all();
         }
     }
 }
 
 impl DeviceIo {
+    fn state(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Waits while suspended (new IO runs against whatever table is live after the resume).
     fn enter(&self) -> IoResult<Pass<'_>> {
         self.enter_or(true)
@@ -98,7 +105,7 @@ impl DeviceIo {
 
     /// `wait` false: a suspended device gives [`IoError::WouldBlock`] instead of waiting.
     fn enter_or(&self, wait: bool) -> IoResult<Pass<'_>> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state();
         while s.suspended && !s.removed {
             if !wait {
                 return Err(IoError::WouldBlock);
@@ -177,6 +184,7 @@ impl DataPlane {
                             suspended,
                             read_only,
                             inflight: 0,
+                            drainers: 0,
                             removed: false,
                         }),
                         changed: Condvar::new(),
@@ -184,7 +192,7 @@ impl DataPlane {
                 })
                 .clone()
         };
-        let mut s = dev.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = dev.state();
         let same = s.name == name
             && s.suspended == suspended
             && s.read_only == read_only
@@ -208,7 +216,7 @@ impl DataPlane {
         devs.retain(|&m, d| {
             let keep = alive(m);
             if !keep {
-                let mut s = d.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut s = d.state();
                 s.removed = true;
                 s.table = None;
                 d.changed.notify_all();
@@ -222,11 +230,13 @@ impl DataPlane {
     pub fn drain(&self, minor: u32, noflush: bool) {
         let Some(dev) = self.device(minor) else { return };
         let table = {
-            let mut s = dev.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = dev.state();
             s.suspended = true;
+            s.drainers += 1;
             while s.inflight > 0 {
                 s = dev.changed.wait(s).unwrap_or_else(|p| p.into_inner());
             }
+            s.drainers -= 1;
             s.table.clone()
         };
         if let (false, Some(t)) = (noflush, table) {
@@ -246,7 +256,7 @@ impl DataPlane {
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .find(|d| {
-                let s = d.state.lock().unwrap_or_else(|p| p.into_inner());
+                let s = d.state();
                 s.name == name && s.table.is_some() && !s.removed
             })
             .cloned()?;
@@ -263,7 +273,7 @@ impl DataPlane {
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .filter_map(|d| {
-                let s = d.state.lock().unwrap_or_else(|p| p.into_inner());
+                let s = d.state();
                 s.table.as_ref().map(|t| (s.name.clone(), t.size().bytes()))
             })
             .collect();
@@ -281,7 +291,7 @@ impl DataPlane {
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .filter_map(|d| {
-                let s = d.state.lock().unwrap_or_else(|p| p.into_inner());
+                let s = d.state();
                 let t = s.table.as_ref().filter(|_| !s.removed)?;
                 Some(ActiveDevice {
                     minor: d.minor,
@@ -378,6 +388,47 @@ impl DataPlane {
             }
             _ => unreachable!("op and buffer kinds always match"),
         }
+    }
+
+    /// Appends the allocation of `len` bytes at `offset` of a device to `out` (see
+    /// [`IoHandle::extents`]); stops early once `out` holds more than `max` runs.
+    fn extents_of(&self, dev: &DeviceIo, offset: u64, len: u64, out: &mut Vec<Extent>, max: usize) -> IoResult {
+        let pass = dev.enter()?;
+        if offset.checked_add(len).is_none_or(|end| end > pass.table.size().bytes()) {
+            return Err(IoError::Range);
+        }
+        let mut done = 0u64;
+        while done < len && out.len() <= max {
+            let pos = offset + done;
+            let t = pass.table.find(Sectors(pos / SECTOR)).ok_or(IoError::Range)?;
+            let within = pos - t.start.bytes();
+            let want = (len - done).min(t.len.bytes() - within);
+            let mapping = t.target.map(Sectors(within / SECTOR), Sectors((within % SECTOR + want).div_ceil(SECTOR)));
+            done += match mapping {
+                Mapping::Remap { dev: pdev, sector, max_len } => {
+                    let n = want.min(max_len.bytes() - within % SECTOR);
+                    let at = sector.bytes() + within % SECTOR;
+                    match pdev.kind {
+                        PdevKind::Dm { minor } => {
+                            let lower = self.device(minor).ok_or(IoError::NoDevice)?;
+                            self.extents_of(&lower, at, n, out, max)?;
+                        }
+                        _ => file_extents(&self.file(pdev)?.file, at, n, out, max)?,
+                    }
+                    n
+                }
+                Mapping::Zero => {
+                    push_extent(out, Extent { len: want, hole: true, zero: true });
+                    want
+                }
+                // Reads fail there, but the blocks are not known to be unallocated or zero.
+                Mapping::Fail => {
+                    push_extent(out, Extent { len: want, hole: false, zero: false });
+                    want
+                }
+            };
+        }
+        Ok(())
     }
 
     /// fdatasync every underlying device of a table (recursing into stacked devices).
@@ -479,6 +530,59 @@ fn read_full(f: &File, mut b: &mut [u8], mut at: u64) -> IoResult {
     Ok(())
 }
 
+/// How a run of a device's bytes is stored (NBD's `base:allocation`): `hole` — no storage
+/// behind it (a file's hole, a zero target); `zero` — reads as zeroes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub hole: bool,
+    pub zero: bool,
+}
+
+fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    match out.last_mut() {
+        Some(last) if (last.hole, last.zero) == (e.hole, e.zero) => last.len += e.len,
+        _ if e.len > 0 => out.push(e),
+        _ => {}
+    }
+}
+
+/// The allocation of `n` bytes at `at` of a file or block device, from `SEEK_DATA`/`SEEK_HOLE`
+/// (past the end of a file is a hole, as reads there give zeroes; a block device is all data).
+fn file_extents(f: &File, at: u64, n: u64, out: &mut Vec<Extent>, max: usize) -> IoResult {
+    let seek = |pos: u64, whence: i32| -> std::io::Result<u64> {
+        // SAFETY: a valid fd; the file position is never used for IO here (all IO is positioned).
+        let r = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    };
+    let end = at + n;
+    let mut pos = at;
+    while pos < end && out.len() <= max {
+        let data = match seek(pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // No data at or after `pos`.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+            // A file that cannot tell: all data.
+            Err(_) => pos,
+        };
+        if data > pos {
+            let h = data.min(end) - pos;
+            push_extent(out, Extent { len: h, hole: true, zero: true });
+            pos += h;
+            continue;
+        }
+        let hole = seek(pos, libc::SEEK_HOLE).unwrap_or(end).max(pos + 1);
+        let d = hole.min(end) - pos;
+        push_extent(out, Extent { len: d, hole: false, zero: false });
+        pos += d;
+    }
+    Ok(())
+}
+
 /// Discard / write-zeroes on a file or block device with fallocate; write-zeroes falls back to
 /// writing zeroes where the filesystem cannot.
 fn punch(f: &File, at: u64, n: u64, mode: i32, must_zero: bool) -> IoResult {
@@ -548,15 +652,15 @@ impl IoHandle {
         self.dev.minor
     }
     pub fn name(&self) -> String {
-        self.dev.state.lock().unwrap_or_else(|p| p.into_inner()).name.clone()
+        self.dev.state().name.clone()
     }
     /// Current size in bytes (follows resume/resize); 0 once the device is gone.
     pub fn size(&self) -> u64 {
-        let s = self.dev.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.dev.state();
         s.table.as_ref().map_or(0, |t| t.size().bytes())
     }
     pub fn read_only(&self) -> bool {
-        self.dev.state.lock().unwrap_or_else(|p| p.into_inner()).read_only
+        self.dev.state().read_only
     }
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> IoResult {
         self.plane.submit(&self.dev, Op::Read, offset, IoBuf::Read(buf), false)
@@ -579,6 +683,15 @@ impl IoHandle {
     /// suspended device; the write itself goes to the page cache as usual.
     pub fn write_nowait(&self, offset: u64, data: &[u8]) -> IoResult {
         self.plane.submit(&self.dev, Op::Write { fua: false }, offset, IoBuf::Write(data), true)
+    }
+    /// The allocation of `len` bytes at `offset`, as runs of equal state (adjacent runs differ),
+    /// through the table to the files below; at most `max` runs, which may cover less than `len`
+    /// (never nothing). Waits while the device is suspended, as a read would.
+    pub fn extents(&self, offset: u64, len: u64, max: usize) -> IoResult<Vec<Extent>> {
+        let mut out = Vec::new();
+        self.plane.extents_of(&self.dev, offset, len, &mut out, max.max(1))?;
+        out.truncate(max.max(1));
+        Ok(out)
     }
     pub fn flush(&self) -> IoResult {
         let pass = self.dev.enter()?;

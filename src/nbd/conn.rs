@@ -21,7 +21,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::proto::*;
 use super::Export;
-use crate::io::{IoError, IoResult};
+use crate::io::{Extent, IoError, IoResult};
 
 /// Requests admitted but not yet answered, per connection; the reader stops reading beyond
 /// these (a client that never reads its replies cannot make us buffer without bound).
@@ -32,6 +32,9 @@ const CORK_BYTES: usize = 256 << 10;
 /// Bytes of idle buffers kept per connection, and the largest buffer worth keeping.
 const POOL_BYTES: usize = 16 << 20;
 const POOL_MAX_BUF: usize = 4 << 20;
+/// Descriptors in one block-status reply at most (the rest of the range is the client's to ask
+/// again).
+const MAX_EXTENTS: usize = 4096;
 /// `sendmsg` takes at most this many pieces (Linux's IOV_MAX).
 const IOV_MAX: usize = 1024;
 
@@ -136,6 +139,8 @@ impl Conn<'_> {
             CMD_READ if e.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
             CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
             CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+            CMD_BLOCK_STATUS if e.meta => CMD_FLAG_REQ_ONE,
+            CMD_BLOCK_STATUS => return Err((EINVAL, "no metadata context was negotiated")),
             _ => return Err((EINVAL, "unsupported command")),
         };
         if req.flags & !allowed != 0 {
@@ -147,6 +152,9 @@ impl Conn<'_> {
         let writes = matches!(req.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
         if writes && e.flags & TF_READ_ONLY != 0 {
             return Err((EPERM, "export is read-only"));
+        }
+        if req.typ == CMD_BLOCK_STATUS && req.len == 0 {
+            return Err((EINVAL, "NBD_CMD_BLOCK_STATUS of length 0"));
         }
         if req.typ == CMD_READ && req.len > MAX_PAYLOAD {
             return Err((EINVAL, "read longer than the maximum payload (32 MiB)"));
@@ -224,12 +232,40 @@ impl Conn<'_> {
             CMD_TRIM => h.discard(req.offset, req.len as u64).and_then(|()| if fua { h.flush() } else { Ok(()) }),
             // NO_HOLE is satisfied as is: the data plane's write-zeroes allocates (ZERO_RANGE).
             CMD_WRITE_ZEROES => h.write_zeroes(req.offset, req.len as u64, fua),
+            CMD_BLOCK_STATUS => {
+                let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_EXTENTS };
+                match h.extents(req.offset, req.len as u64, max) {
+                    Ok(extents) => return self.block_status_reply(&req, &extents),
+                    Err(e) => Err(e),
+                }
+            }
             _ => unreachable!("checked"),
         };
         match res {
             Ok(()) => self.ok_reply(&req),
             Err(e) => self.error_reply(&req, nbd_errno(e.errno()), &e.to_string()),
         }
+    }
+
+    /// One NBD_REPLY_TYPE_BLOCK_STATUS chunk for `base:allocation` (proto.md "Structured reply
+    /// types"): the context id, then (length, state) descriptors.
+    fn block_status_reply(&self, req: &Request, extents: &[Extent]) -> Reply {
+        let mut body = Vec::with_capacity(4 + 8 * extents.len());
+        body.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
+        for e in extents {
+            let state = if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
+            // A request is at most 4 GiB − 1 long and extents are clipped to it.
+            body.extend_from_slice(&(e.len as u32).to_be_bytes());
+            body.extend_from_slice(&state.to_be_bytes());
+        }
+        let mut r = Reply { head: [0; 28], head_len: 20, body_len: body.len(), body };
+        r.head[..20].copy_from_slice(&chunk_header(
+            req.cookie,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            r.body_len as u32,
+        ));
+        r
     }
 
     fn read_reply(&self, req: &Request, buf: Vec<u8>, res: IoResult) -> Reply {

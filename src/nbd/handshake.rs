@@ -76,6 +76,36 @@ fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     Some((name, reqs.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
 }
 
+/// The body of an NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT request: export name and
+/// queries.
+fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let u32_at = |at: usize| -> Option<usize> {
+        Some(u32::from_be_bytes(data.get(at..at.checked_add(4)?)?.try_into().ok()?) as usize)
+    };
+    let name_len = u32_at(0)?;
+    let name = data.get(4..4usize.checked_add(name_len)?)?;
+    let mut at = 4 + name_len;
+    let n = u32_at(at)?;
+    at += 4;
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        let len = u32_at(at)?;
+        let q = data.get(at + 4..(at + 4).checked_add(len)?)?;
+        queries.push(String::from_utf8(q.to_vec()).ok()?);
+        at += 4 + len;
+    }
+    if at != data.len() {
+        return None;
+    }
+    Some((String::from_utf8(name.to_vec()).ok()?, queries))
+}
+
+/// Whether a query names `base:allocation`: for LIST, the namespace alone (`base:`) also does
+/// (proto.md "NBD_OPT_LIST_META_CONTEXT"); unknown namespaces match nothing.
+fn meta_query_matches(query: &str, list: bool) -> bool {
+    query == META_BASE_ALLOCATION || (list && query == "base:")
+}
+
 /// Runs the handshake. `Ok(Some)` enters transmission; `Ok(None)` is a clean end (the client
 /// aborted); errors end the session with a hard disconnect.
 pub(super) fn negotiate(io: &DataPlane, r: &mut BufReader<&File>, w: &File) -> io::Result<Option<Export>> {
@@ -94,6 +124,9 @@ pub(super) fn negotiate(io: &DataPlane, r: &mut BufReader<&File>, w: &File) -> i
     let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
     let rep = Replier { w };
     let mut structured = false;
+    // The export NBD_OPT_SET_META_CONTEXT selected base:allocation for, if any: it applies only
+    // when the client then goes to that export.
+    let mut meta_for: Option<String> = None;
 
     loop {
         let h: [u8; 16] = read_array(r)?;
@@ -130,6 +163,7 @@ pub(super) fn negotiate(io: &DataPlane, r: &mut BufReader<&File>, w: &File) -> i
                 };
                 let size = handle.size();
                 let flags = transmission_flags(handle.read_only(), structured);
+                let meta = meta_for.as_deref() == Some(name.as_str());
                 let mut reply = Vec::with_capacity(10 + 124);
                 reply.extend_from_slice(&size.to_be_bytes());
                 reply.extend_from_slice(&flags.to_be_bytes());
@@ -137,7 +171,7 @@ pub(super) fn negotiate(io: &DataPlane, r: &mut BufReader<&File>, w: &File) -> i
                     reply.extend_from_slice(&[0u8; 124]);
                 }
                 (&mut &*w).write_all(&reply)?;
-                return Ok(Some(Export { handle, size, flags, structured }));
+                return Ok(Some(Export { handle, size, flags, structured, meta }));
             }
             OPT_ABORT => {
                 // The client may already have closed; the ACK is a courtesy.
@@ -163,6 +197,34 @@ pub(super) fn negotiate(io: &DataPlane, r: &mut BufReader<&File>, w: &File) -> i
                     continue;
                 }
                 structured = true;
+                rep.ack(opt)?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let list = opt == OPT_LIST_META_CONTEXT;
+                if !structured {
+                    // proto.md: metadata contexts need structured replies to be usable.
+                    rep.error(opt, REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")?;
+                    continue;
+                }
+                let Some((name, queries)) = parse_meta_request(&data) else {
+                    rep.error(opt, REP_ERR_INVALID, "malformed metadata context request")?;
+                    continue;
+                };
+                if !io.active().iter().any(|(n, _)| *n == name) {
+                    rep.error(opt, REP_ERR_UNKNOWN, &format!("no active device named {name:?}"))?;
+                    continue;
+                }
+                // LIST without queries lists every context; SET without queries selects none.
+                let chosen =
+                    if queries.is_empty() { list } else { queries.iter().any(|q| meta_query_matches(q, list)) };
+                if !list {
+                    meta_for = chosen.then(|| name.clone());
+                }
+                if chosen {
+                    let mut d = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                    d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+                    rep.send(opt, REP_META_CONTEXT, &d)?;
+                }
                 rep.ack(opt)?;
             }
             OPT_INFO | OPT_GO => {
@@ -218,7 +280,8 @@ pub(super) fn negotiate(io: &DataPlane, r: &mut BufReader<&File>, w: &File) -> i
                 }
                 rep.ack(opt)?;
                 if let Some(handle) = handle {
-                    return Ok(Some(Export { handle, size, flags, structured }));
+                    let meta = meta_for.as_deref() == Some(name.as_str());
+                    return Ok(Some(Export { handle, size, flags, structured, meta }));
                 }
             }
             _ => rep.error(opt, REP_ERR_UNSUP, &format!("option {opt} is not supported"))?,
@@ -242,6 +305,31 @@ mod tests {
         let mut long = u32::MAX.to_be_bytes().to_vec();
         long.extend_from_slice(&[0, 0]);
         assert_eq!(parse_info_request(&long), None);
+    }
+
+    #[test]
+    fn meta_requests_parse_and_match() {
+        let mut d = 2u32.to_be_bytes().to_vec();
+        d.extend_from_slice(b"lv");
+        d.extend_from_slice(&2u32.to_be_bytes());
+        for q in ["base:", "qemu:dirty-bitmap:x"] {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        let (name, queries) = parse_meta_request(&d).unwrap();
+        assert_eq!((name.as_str(), queries.len()), ("lv", 2));
+        assert!(meta_query_matches(&queries[0], true));
+        assert!(!meta_query_matches(&queries[0], false));
+        assert!(!meta_query_matches(&queries[1], true));
+        assert!(meta_query_matches("base:allocation", false));
+        assert_eq!(parse_meta_request(&d[..d.len() - 1]), None);
+        let mut trailing = d.clone();
+        trailing.push(0);
+        assert_eq!(parse_meta_request(&trailing), None);
+        let mut huge = 0u32.to_be_bytes().to_vec();
+        huge.extend_from_slice(&1u32.to_be_bytes());
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(parse_meta_request(&huge), None);
     }
 
     #[test]

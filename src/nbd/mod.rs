@@ -4,10 +4,11 @@
 //! with a crate: the server side needs only the fixed-newstyle handshake and six commands, a few
 //! hundred lines, and the available crates are client-oriented or pull in an async runtime.
 //!
-//! * Handshake ([`handshake`]): fixed newstyle; NBD_OPT_GO, INFO, LIST, EXPORT_NAME, ABORT and
-//!   STRUCTURED_REPLY; anything else gets NBD_REP_ERR_UNSUP.
-//! * Transmission ([`conn`]): READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC and FUA, many requests
-//!   in flight per connection, any number of connections.
+//! * Handshake ([`handshake`]): fixed newstyle; NBD_OPT_GO, INFO, LIST, EXPORT_NAME, ABORT,
+//!   STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`); anything else
+//!   gets NBD_REP_ERR_UNSUP.
+//! * Transmission ([`conn`]): READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, DISC and FUA,
+//!   many requests in flight per connection, any number of connections.
 //! * A connection that entered transmission holds its device open (as a mounted block device
 //!   would): `dmsetup remove` then fails with EBUSY, `--deferred` removes it at disconnect. The
 //!   export size is fixed per connection at negotiation, as NBD requires; new connections see the
@@ -107,6 +108,8 @@ pub(crate) struct Export {
     size: u64,
     flags: u16,
     structured: bool,
+    /// `base:allocation` was selected for this export: NBD_CMD_BLOCK_STATUS is allowed.
+    meta: bool,
 }
 
 fn bind_unix(path: &Path) -> io::Result<UnixListener> {
