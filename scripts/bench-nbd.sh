@@ -101,9 +101,12 @@ median() { python3 -c 'import statistics,sys; print(statistics.median(map(float,
 declare -A R
 for row in $ROWS; do
   for s in $SERVERS; do R[$row,$s]=""; done
-  for _ in $(seq "$REPS"); do
-    # Servers interleaved within a row, so drift hits them alike.
-    for s in $SERVERS; do R[$row,$s]="${R[$row,$s]} $(fio_one "${URI[$s]}" "$row")"; done
+  for rep in $(seq "$REPS"); do
+    # Servers interleaved within a row, so drift hits them alike; each repetition starts one
+    # server later, so no server always runs first (or right after the null plugin).
+    read -ra order <<<"$SERVERS"
+    k=$(( (rep - 1) % ${#order[@]} ))
+    for s in "${order[@]:k}" "${order[@]:0:k}"; do R[$row,$s]="${R[$row,$s]} $(fio_one "${URI[$s]}" "$row")"; done
   done
   for s in $SERVERS; do R[$row,$s]=$(median ${R[$row,$s]}); done
   echo "done $row" >&2

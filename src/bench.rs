@@ -259,11 +259,10 @@ fn big_table(dir: &Path, n: u32) -> Result<BigTable> {
     Ok(BigTable { encode, load, resume, rss_per_target: (after.saturating_sub(before) * 1024) as f64 / n as f64 })
 }
 
-pub fn run(args: BenchArgs) -> Result {
-    if let Some(p) = args.echo_server {
-        return echo_server(&p);
-    }
-    let base = args.dir.clone().unwrap_or_else(|| {
+/// A fresh work directory for a benchmark under `dir` (default `/dev/shm`, a tmpfs like the
+/// `/run` a production daemon uses; else the temp dir), announced with the machine it runs on.
+pub(crate) fn work_dir(dir: Option<PathBuf>, tag: &str) -> std::io::Result<PathBuf> {
+    let base = dir.unwrap_or_else(|| {
         let shm = PathBuf::from("/dev/shm");
         if shm.is_dir() {
             shm
@@ -271,7 +270,7 @@ pub fn run(args: BenchArgs) -> Result {
             std::env::temp_dir()
         }
     });
-    let dir = base.join(format!("dmemu-bench-{}", std::process::id()));
+    let dir = base.join(format!("dmemu-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -285,6 +284,14 @@ pub fn run(args: BenchArgs) -> Result {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         dir.display()
     );
+    Ok(dir)
+}
+
+pub fn run(args: BenchArgs) -> Result {
+    if let Some(p) = args.echo_server {
+        return echo_server(&p);
+    }
+    let dir = work_dir(args.dir.clone(), "bench")?;
     let mut runs = vec![false];
     if args.pin {
         runs.push(true);

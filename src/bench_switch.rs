@@ -480,28 +480,7 @@ fn in_process(a: &BenchSwitchArgs, entries: &[u32]) -> InProcess {
 }
 
 pub fn run(a: BenchSwitchArgs) -> Result {
-    let base = a.dir.clone().unwrap_or_else(|| {
-        let shm = PathBuf::from("/dev/shm");
-        if shm.is_dir() {
-            shm
-        } else {
-            std::env::temp_dir()
-        }
-    });
-    let dir = base.join(format!("dmemu-bench-switch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
-        })
-        .unwrap_or_default();
-    println!(
-        "machine: {} CPUs, {cpu}; run dir {}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        dir.display()
-    );
+    let dir = crate::bench::work_dir(a.dir.clone(), "bench-switch")?;
     let n = a.regions as f64;
     println!("routing: {} regions of {} sectors over {} paths, pseudo-random", a.regions, a.region_size, a.paths);
     let entries = routing(a.regions, a.paths);

@@ -264,19 +264,9 @@ impl DataPlane {
         Some(IoHandle { plane: self.clone(), dev })
     }
 
-    /// Active devices (those with a live table): name and size in bytes.
+    /// Active devices (those with a live table): name and size in bytes, by name.
     pub fn active(&self) -> Vec<(String, u64)> {
-        let mut v: Vec<(String, u64)> = self
-            .inner
-            .devices
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter_map(|d| {
-                let s = d.state();
-                s.table.as_ref().map(|t| (s.name.clone(), t.size().bytes()))
-            })
-            .collect();
+        let mut v: Vec<(String, u64)> = self.active_devices().into_iter().map(|d| (d.name, d.size)).collect();
         v.sort();
         v
     }

@@ -90,19 +90,7 @@ impl Daemon {
     pub fn nbsd(&self, args: &[&str], input: Option<&str>) -> Out {
         let mut c = Command::new(bin());
         c.arg("nbsd").arg("--socket").arg(&self.socket).args(args);
-        c.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("spawn dmemu nbsd");
-        if let Some(i) = input {
-            child.stdin.take().unwrap().write_all(i.as_bytes()).unwrap();
-        }
-        let o = child.wait_with_output().unwrap();
-        Out {
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-            code: o.status.code().unwrap_or(-1),
-        }
+        run_with_input(c, input)
     }
 
     /// Runs `dmsetup ARGS` under `dmemu exec`.
@@ -118,19 +106,7 @@ impl Daemon {
     pub fn exec(&self, prog: &str, args: &[&str], input: Option<&str>) -> Out {
         let mut c = Command::new(bin());
         c.arg("exec").arg("--socket").arg(&self.socket).arg("--").arg(prog).args(args);
-        c.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("spawn dmemu exec");
-        if let Some(i) = input {
-            child.stdin.take().unwrap().write_all(i.as_bytes()).unwrap();
-        }
-        let o = child.wait_with_output().unwrap();
-        Out {
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-            code: o.status.code().unwrap_or(-1),
-        }
+        run_with_input(c, input)
     }
 
     /// A backing file of `sectors` 512-byte sectors.
@@ -233,5 +209,20 @@ impl Daemon {
             stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
             code: o.status.code().unwrap_or(-1),
         }
+    }
+}
+
+/// Runs a command with `input` (if any) on stdin, collecting its output.
+fn run_with_input(mut c: Command, input: Option<&str>) -> Out {
+    c.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap_or_else(|e| panic!("spawn {c:?}: {e}"));
+    if let Some(i) = input {
+        child.stdin.take().unwrap().write_all(i.as_bytes()).unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    Out {
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        code: o.status.code().unwrap_or(-1),
     }
 }
