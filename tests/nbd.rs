@@ -850,6 +850,7 @@ fn fio_verify_job_through_a_two_segment_linear_device() {
             "--iodepth=16",
             "--verify=crc32c",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--randseed=42",
             "--output-format=json",
         ],
