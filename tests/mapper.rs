@@ -101,6 +101,32 @@ fn read_only_table_refuses_writes() {
     m.run("dd", &["if=/dev/mapper/ro", "of=/dev/null", "bs=4096", "status=none"]).ok();
 }
 
+#[test]
+fn blkdiscard_zeroout_and_flushbufs_reach_the_backing_file() {
+    let m = Mapper::start();
+    let file = m.linear("dz", 2048, 8, &[]);
+    let pat = pattern(1 << 20, 3);
+    let src = m.d.path("pattern");
+    std::fs::write(&src, &pat).unwrap();
+    let src_arg = format!("if={}", src.display());
+    m.run("dd", &[&src_arg, "of=/dev/mapper/dz", "bs=65536", "status=none"]).ok();
+    m.run("blockdev", &["--flushbufs", "/dev/mapper/dz"]).ok();
+    // BLKDISCARD punches a hole below; BLKZEROOUT (`-z`) writes zeroes.
+    m.run("blkdiscard", &["-f", "-o", "65536", "-l", "65536", "/dev/mapper/dz"]).ok();
+    m.run("blkdiscard", &["-f", "-z", "-o", "262144", "-l", "4096", "/dev/mapper/dz"]).ok();
+    // The kernel's checks: a range not aligned to the logical block size is EINVAL.
+    let out = m.run("blkdiscard", &["-f", "-o", "100", "-l", "4096", "/dev/mapper/dz"]);
+    assert_ne!(out.code, 0, "{out:#?}");
+    let back = std::fs::read(&file).unwrap();
+    let dev = &back[8 * 512..];
+    assert!(dev[..65536] == pat[..65536]);
+    assert!(dev[65536..131072].iter().all(|&b| b == 0), "discarded range reads zeroes");
+    assert!(dev[131072..262144] == pat[131072..262144]);
+    assert!(dev[262144..266240].iter().all(|&b| b == 0), "zeroed range");
+    assert!(dev[266240..] == pat[266240..]);
+    assert!(back[..8 * 512].iter().all(|&b| b == 0), "nothing before the table's offset");
+}
+
 fn wait_open_count(m: &Mapper, name: &str, want: &str) {
     for _ in 0..200 {
         if m.info_field(name, "open") == want {
