@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::dm::pdev::{Pdev, PdevKind};
@@ -343,8 +343,11 @@ impl DataPlane {
                     n
                 }
                 Mapping::Zero => {
-                    if op == Op::Read {
-                        buf.slice(done, want).zero();
+                    match (op, buf.slice(done, want)) {
+                        (Op::Read, b) => b.zero(),
+                        // Swallowed, but a piped payload is still taken off the pipe.
+                        (_, IoBuf::Pipe(fd, n)) => discard_from_pipe(fd, n)?,
+                        _ => {}
                     }
                     want
                 }
@@ -370,6 +373,7 @@ impl DataPlane {
             (Op::Read, IoBuf::Read(b)) if nowait => read_nowait(&f, b, at),
             (Op::Read, IoBuf::Read(b)) => read_full(&f, b, at),
             (Op::Write { .. }, IoBuf::Write(b)) => Ok(f.write_all_at(b, at)?),
+            (Op::Write { .. }, IoBuf::Pipe(fd, n)) => splice_to_file(fd, &f, at, n),
             (Op::Discard, IoBuf::Len(n)) => {
                 punch(&f, at, n, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, false)
             }
@@ -573,6 +577,69 @@ fn file_extents(f: &File, at: u64, n: u64, out: &mut Vec<Extent>, max: usize) ->
     Ok(())
 }
 
+/// Moves `n` bytes from a pipe (all already in it) to `f` at `at` with `splice`; files that
+/// cannot take a splice get the bytes copied.
+fn splice_to_file(pipe: RawFd, f: &File, mut at: u64, mut n: u64) -> IoResult {
+    while n > 0 {
+        let mut off = at as libc::loff_t;
+        // SAFETY: valid fds; `off` is a live loff_t the kernel updates.
+        let r = unsafe { libc::splice(pipe, std::ptr::null_mut(), f.as_raw_fd(), &mut off, n as usize, 0) };
+        match r {
+            0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            r if r > 0 => {
+                at += r as u64;
+                n -= r as u64;
+            }
+            _ => match std::io::Error::last_os_error() {
+                e if e.kind() == std::io::ErrorKind::Interrupted => {}
+                e if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let mut buf = vec![0u8; (n as usize).min(1 << 20)];
+                    while n > 0 {
+                        let k = (n as usize).min(buf.len());
+                        read_pipe(pipe, &mut buf[..k])?;
+                        f.write_all_at(&buf[..k], at)?;
+                        at += k as u64;
+                        n -= k as u64;
+                    }
+                }
+                e => return Err(e.into()),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Reads exactly `b.len()` bytes from a pipe that holds them.
+pub fn read_pipe(pipe: RawFd, b: &mut [u8]) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < b.len() {
+        // SAFETY: a valid fd and a live buffer of the given length.
+        let r = unsafe { libc::read(pipe, b[got..].as_mut_ptr().cast(), b.len() - got) };
+        match r {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            r if r > 0 => got += r as usize,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes `n` bytes off a pipe and drops them.
+fn discard_from_pipe(pipe: RawFd, mut n: u64) -> IoResult {
+    let mut buf = [0u8; 16 << 10];
+    while n > 0 {
+        let k = (n as usize).min(buf.len());
+        read_pipe(pipe, &mut buf[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
 /// Discard / write-zeroes on a file or block device with fallocate; write-zeroes falls back to
 /// writing zeroes where the filesystem cannot.
 fn punch(f: &File, at: u64, n: u64, mode: i32, must_zero: bool) -> IoResult {
@@ -599,6 +666,9 @@ fn punch(f: &File, at: u64, n: u64, mode: i32, must_zero: bool) -> IoResult {
 enum IoBuf<'a> {
     Read(&'a mut [u8]),
     Write(&'a [u8]),
+    /// A write's payload waiting in a pipe (fd, bytes), taken off in order as the request is
+    /// mapped (`splice` moves it to the file with one copy instead of two).
+    Pipe(RawFd, u64),
     Len(u64),
 }
 
@@ -607,7 +677,7 @@ impl<'a> IoBuf<'a> {
         match self {
             IoBuf::Read(b) => b.len() as u64,
             IoBuf::Write(b) => b.len() as u64,
-            IoBuf::Len(n) => *n,
+            IoBuf::Pipe(_, n) | IoBuf::Len(n) => *n,
         }
     }
     fn slice(&mut self, from: u64, n: u64) -> IoBuf<'_> {
@@ -615,6 +685,8 @@ impl<'a> IoBuf<'a> {
         match self {
             IoBuf::Read(x) => IoBuf::Read(&mut x[a..b]),
             IoBuf::Write(x) => IoBuf::Write(&x[a..b]),
+            // Pieces are always taken in order, so the next `n` bytes of the pipe are these.
+            IoBuf::Pipe(fd, _) => IoBuf::Pipe(*fd, n),
             IoBuf::Len(_) => IoBuf::Len(n),
         }
     }
@@ -668,6 +740,13 @@ impl IoHandle {
     /// the data is not in memory (a front end then hands the request to a thread that may wait).
     pub fn read_nowait(&self, offset: u64, buf: &mut [u8]) -> IoResult {
         self.plane.submit(&self.dev, Op::Read, offset, IoBuf::Read(buf), true)
+    }
+    /// [`Self::write`] of `len` bytes that wait in a pipe (`pipe`'s read end), moved to the files
+    /// with `splice`. `nowait`: [`IoError::WouldBlock`] instead of waiting for a suspended
+    /// device, with the pipe untouched. On other errors some of the bytes may be left in the
+    /// pipe: the caller empties it.
+    pub fn write_from_pipe(&self, offset: u64, pipe: RawFd, len: u64, fua: bool, nowait: bool) -> IoResult {
+        self.plane.submit(&self.dev, Op::Write { fua }, offset, IoBuf::Pipe(pipe, len), nowait)
     }
     /// [`Self::write`] (without FUA) that gives [`IoError::WouldBlock`] instead of waiting for a
     /// suspended device; the write itself goes to the page cache as usual.

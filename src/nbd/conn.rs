@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, BufReader, IoSlice, Read};
+use std::io::{self, BufRead, BufReader, IoSlice, Read};
 use std::os::fd::AsRawFd;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -89,6 +89,8 @@ struct Conn<'a> {
     max_workers: usize,
     /// Largest write the reader runs itself while more requests wait; 0: none at all.
     inline: usize,
+    /// Big writes at queue depth 1 may go through a pipe (`splice`).
+    splice: bool,
     queue: Mutex<Queue>,
     /// Workers wait here for jobs.
     work: Condvar,
@@ -557,6 +559,144 @@ impl Spin {
     }
 }
 
+/// Writes at least this big may take the pipe: below it, the copy costs less than the extra
+/// system calls.
+const SPLICE_MIN: usize = 64 << 10;
+/// The pipe's size: a 1 MiB write fits whole even when the socket hands it over in pieces
+/// smaller than a page.
+const PIPE_BYTES: libc::c_int = 2 << 20;
+
+/// A write's payload, received.
+enum Payload {
+    Buf(Vec<u8>),
+    /// All of it is in the connection's pipe.
+    Piped,
+}
+
+impl Conn<'_> {
+    /// Reads a write's payload into a buffer.
+    fn receive(&self, r: &mut BufReader<&File>, len: usize) -> io::Result<Vec<u8>> {
+        let mut data = self.buffer(len);
+        r.read_exact(&mut data[..len])?;
+        Ok(data)
+    }
+}
+
+/// The reader's pipe for big writes: the socket's pages are moved into it (no copy), and from
+/// it into the page cache of the files (one copy), where reading into a buffer and writing from
+/// it copies twice. The payload is whole in the pipe before the request enters the device's
+/// gate, so a slow client never holds up a suspend.
+struct Pipe {
+    rd: std::os::fd::OwnedFd,
+    wr: std::os::fd::OwnedFd,
+    /// Bytes the pipe holds (at page granularity).
+    cap: usize,
+}
+
+impl Pipe {
+    fn new() -> Option<Pipe> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: an array of two ints for the new fds.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return None;
+        }
+        // SAFETY: both fds are new and ours.
+        let (rd, wr) =
+            unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) };
+        // Past /proc/sys/fs/pipe-max-size (1 MiB) only with CAP_SYS_RESOURCE: try smaller then.
+        for size in [PIPE_BYTES, PIPE_BYTES / 2] {
+            // SAFETY: a valid fd; F_SETPIPE_SZ takes an int.
+            let got = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
+            if got > 0 {
+                return Some(Pipe { rd, wr, cap: got as usize });
+            }
+        }
+        None
+    }
+
+    /// Moves a write's payload into the pipe: what the reader has buffered is copied, the rest
+    /// spliced from the socket. If the pipe fills up first, falls back to a buffer.
+    fn receive(&mut self, c: &Conn<'_>, r: &mut BufReader<&File>, len: usize) -> io::Result<Payload> {
+        let sock = sock_of(r).as_raw_fd();
+        let pre = r.buffer().len().min(len);
+        write_fd(self.wr.as_raw_fd(), &r.buffer()[..pre])?;
+        r.consume(pre);
+        let mut got = pre;
+        while got < len {
+            // SAFETY: valid fds, no offsets (a socket and a pipe).
+            let n = unsafe {
+                libc::splice(
+                    sock,
+                    std::ptr::null_mut(),
+                    self.wr.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    len - got,
+                    libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            if n > 0 {
+                got += n as usize;
+                continue;
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EAGAIN) if ready(self.wr.as_raw_fd(), libc::POLLOUT, 0) => {
+                    // The socket has nothing yet: wait for it.
+                    ready(sock, libc::POLLIN, -1);
+                }
+                // The pipe is full (the socket gave small pieces), or this socket cannot splice.
+                Some(libc::EAGAIN) | Some(libc::EINVAL) => {
+                    let mut data = c.buffer(len);
+                    crate::io::read_pipe(self.rd.as_raw_fd(), &mut data[..got])?;
+                    r.read_exact(&mut data[got..len])?;
+                    return Ok(Payload::Buf(data));
+                }
+                _ => return Err(e),
+            }
+        }
+        Ok(Payload::Piped)
+    }
+
+    /// Empties the pipe (what a failed write left in it).
+    fn drain(&mut self) -> io::Result<()> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: a valid fd and an int out-parameter.
+        if unsafe { libc::ioctl(self.rd.as_raw_fd(), libc::FIONREAD, &mut n) } == 0 && n > 0 {
+            let mut buf = vec![0u8; n as usize];
+            crate::io::read_pipe(self.rd.as_raw_fd(), &mut buf)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_fd(fd: std::os::fd::RawFd, mut b: &[u8]) -> io::Result<()> {
+    while !b.is_empty() {
+        // SAFETY: a valid fd and a live buffer.
+        let n = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        } else {
+            b = &b[n as usize..];
+        }
+    }
+    Ok(())
+}
+
+/// Whether `fd` is ready for `events` within `timeout` ms (-1: wait for it).
+fn ready(fd: std::os::fd::RawFd, events: libc::c_short, timeout: libc::c_int) -> bool {
+    let mut pfd = libc::pollfd { fd, events, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, timeout) > 0 && pfd.revents & events != 0 }
+}
+
 fn sock_of<'a>(r: &BufReader<&'a File>) -> &'a File {
     r.get_ref()
 }
@@ -598,6 +738,7 @@ pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, tu
         export,
         max_workers: tuning.workers,
         inline: tuning.inline,
+        splice: tuning.splice,
         queue: Mutex::new(Queue {
             jobs: VecDeque::new(),
             closed: false,
@@ -648,6 +789,7 @@ fn flush<'s>(c: &'s Conn<'_>, s: &'s std::thread::Scope<'s, '_>) {
 
 fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Scope<'s, '_>) -> io::Result<()> {
     let mut spin = Spin::default();
+    let mut pipe = if c.splice { Pipe::new() } else { None };
     loop {
         if r.buffer().len() < REQUEST_LEN {
             // About to wait for the client: let it have the replies first.
@@ -694,13 +836,52 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
         drop(q);
         let mut data = Vec::new();
         if req.typ == CMD_WRITE {
-            if r.buffer().len() < req.len as usize {
+            let len = req.len as usize;
+            if r.buffer().len() < len {
                 flush(c, s);
             }
-            data = c.buffer(req.len as usize);
-            if let Err(e) = r.read_exact(&mut data[..req.len as usize]) {
-                c.done(&req);
-                return Err(e);
+            // A big write the client waits for alone, with its payload still on the way: into
+            // a pipe, and from there into the files with `splice` (docs/PERFORMANCE.md).
+            let piped = len >= SPLICE_MIN
+                && r.buffer().len() < len
+                && req.flags & CMD_FLAG_FUA == 0
+                && c.inline > 0
+                && c.max_workers > 0
+                && lock(&c.queue).inflight == 1
+                && c.check(&req).is_ok();
+            let received = match pipe.as_mut().filter(|p| piped && len <= p.cap) {
+                Some(p) => p.receive(c, r, len),
+                None => c.receive(r, len).map(Payload::Buf),
+            };
+            match received {
+                Err(e) => {
+                    c.done(&req);
+                    return Err(e);
+                }
+                Ok(Payload::Buf(d)) => data = d,
+                Ok(Payload::Piped) => {
+                    let p = pipe.as_mut().expect("piped");
+                    match c.export.handle.write_from_pipe(req.offset, p.rd.as_raw_fd(), req.len as u64, false, true) {
+                        Err(IoError::WouldBlock) => {
+                            // Suspended: a worker waits for the resume with the bytes in hand.
+                            let mut d = c.buffer(len);
+                            crate::io::read_pipe(p.rd.as_raw_fd(), &mut d[..len])?;
+                            c.dispatch(s, Job::Request { req, data: d });
+                        }
+                        res => {
+                            if res.is_err() {
+                                p.drain()?;
+                            }
+                            let rep = match res {
+                                Ok(()) => c.ok_reply(&req),
+                                Err(e) => c.error_reply(&req, nbd_errno(e.errno()), &e.to_string()),
+                            };
+                            reply(c, s, rep, r.buffer().len() < REQUEST_LEN);
+                            c.done(&req);
+                        }
+                    }
+                    continue;
+                }
             }
         }
         // Replies wait while the next request is already here, to go out together.

@@ -87,17 +87,23 @@ pub fn listeners(specs: &[String], run_dir: &Path) -> Result<Vec<Listen>, String
 /// `workers`: worker threads per connection at most (`DMEMU_NBD_WORKERS`, default 8; 0 runs
 /// every request on the connection's own thread, one at a time). `inline`: the largest write the
 /// connection's thread runs itself while further requests are waiting (`DMEMU_NBD_INLINE`,
-/// default 128 KiB); 0 hands every request to a worker.
+/// default 128 KiB); 0 hands every request to a worker. `splice`: big writes at queue depth 1
+/// go through a pipe into the files (`DMEMU_NBD_SPLICE`, default 1).
 #[derive(Clone, Copy, Debug)]
 pub struct Tuning {
     pub workers: usize,
     pub inline: usize,
+    pub splice: bool,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
         let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
-        Tuning { workers: var("DMEMU_NBD_WORKERS").unwrap_or(8), inline: var("DMEMU_NBD_INLINE").unwrap_or(128 << 10) }
+        Tuning {
+            workers: var("DMEMU_NBD_WORKERS").unwrap_or(8),
+            inline: var("DMEMU_NBD_INLINE").unwrap_or(128 << 10),
+            splice: var("DMEMU_NBD_SPLICE").unwrap_or(1) != 0,
+        }
     }
 }
 
