@@ -4,8 +4,10 @@
 //! The control plane (the engine) stays IO-free; after every command the server publishes each
 //! device's live table and suspend state here ([`DataPlane::publish`]), and before a suspend it
 //! drains in-flight IO ([`DataPlane::drain`]), as the kernel's suspend does. Mechanism: positioned
-//! IO (`pread`/`pwrite`) on the caller's thread; front ends (NBD) run requests on worker threads,
-//! so many are in flight at once (docs/PERFORMANCE.md has the comparison that chose it).
+//! IO (`pread`/`pwrite`, `preadv2(RWF_NOWAIT)` for reads that must not wait, `splice` for payloads
+//! waiting in a pipe) on the caller's thread; front ends (NBD) run what may wait on worker
+//! threads, so many requests are in flight at once (docs/PERFORMANCE.md has the comparison that
+//! chose it).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

@@ -7,7 +7,9 @@
 //! TRIM, WRITE_ZEROES, any IO on a suspended device — goes to this connection's worker threads
 //! (started on demand, up to [`super::Tuning::workers`]), so many requests are in flight at once
 //! and a slow one does not hold up the rest; so do big writes while the client keeps several
-//! requests in flight (their copy overlaps with receiving the next payload). Replies are
+//! requests in flight (their copy overlaps with receiving the next payload). A big write the
+//! client waits for alone is spliced from the socket into a pipe and from the pipe into the
+//! files, one copy instead of two ([`Pipe`]). Replies are
 //! serialized by a writer role that also combines: whoever holds it writes every reply queued
 //! meanwhile with one `sendmsg`, and the reader holds its own replies back while further requests
 //! are already buffered. The reader never blocks on a full socket: it hands the writer role to a
@@ -69,7 +71,15 @@ struct Queue {
 
 /// Work for a worker: a request, or taking over the writer role from the reader.
 enum Job {
-    Request { req: Request, data: Vec<u8> },
+    Request {
+        req: Request,
+        data: Vec<u8>,
+    },
+    /// A write whose payload waits in a pipe.
+    Piped {
+        req: Request,
+        pipe: Pipe,
+    },
     WriteOut,
 }
 
@@ -89,8 +99,10 @@ struct Conn<'a> {
     max_workers: usize,
     /// Largest write the reader runs itself while more requests wait; 0: none at all.
     inline: usize,
-    /// Big writes at queue depth 1 may go through a pipe (`splice`).
+    /// Big writes may go through a pipe (`splice`).
     splice: bool,
+    /// Idle pipes, and how many exist.
+    pipes: Mutex<(Vec<Pipe>, usize)>,
     queue: Mutex<Queue>,
     /// Workers wait here for jobs.
     work: Condvar,
@@ -430,6 +442,13 @@ impl Conn<'_> {
                         let _ = self.send(reply, true, true);
                         self.done(&req);
                     }
+                    Job::Piped { req, pipe } => {
+                        let fua = req.flags & CMD_FLAG_FUA != 0;
+                        let res = self.export.handle.write_from_pipe(req.offset, pipe.fd(), req.len as u64, fua, false);
+                        let reply = self.piped_reply(&req, pipe, res);
+                        let _ = self.send(reply, true, true);
+                        self.done(&req);
+                    }
                     Job::WriteOut => {
                         // The reader handed over the writer role it holds.
                         let o = lock(&self.out);
@@ -562,6 +581,8 @@ impl Spin {
 /// Writes at least this big may take the pipe: below it, the copy costs less than the extra
 /// system calls.
 const SPLICE_MIN: usize = 64 << 10;
+/// Pipes per connection at most: the reader's, and those that wait in workers for a resume.
+const MAX_PIPES: usize = 8;
 /// The pipe's size: a 1 MiB write fits whole even when the socket hands it over in pieces
 /// smaller than a page.
 const PIPE_BYTES: libc::c_int = 2 << 20;
@@ -569,11 +590,43 @@ const PIPE_BYTES: libc::c_int = 2 << 20;
 /// A write's payload, received.
 enum Payload {
     Buf(Vec<u8>),
-    /// All of it is in the connection's pipe.
-    Piped,
+    /// All of it is in this pipe.
+    Piped(Pipe),
 }
 
 impl Conn<'_> {
+    /// An idle pipe, or a new one while there are fewer than [`MAX_PIPES`].
+    fn take_pipe(&self) -> Option<Pipe> {
+        let mut p = lock(&self.pipes);
+        if let Some(pipe) = p.0.pop() {
+            return Some(pipe);
+        }
+        if p.1 >= MAX_PIPES {
+            return None;
+        }
+        let pipe = Pipe::new()?;
+        p.1 += 1;
+        Some(pipe)
+    }
+
+    /// Returns a pipe to the pool; one that cannot be emptied is closed instead.
+    fn put_pipe(&self, mut pipe: Pipe) {
+        if pipe.drain().is_ok() {
+            lock(&self.pipes).0.push(pipe);
+        } else {
+            lock(&self.pipes).1 -= 1;
+        }
+    }
+
+    /// The reply to a piped write, giving the pipe back.
+    fn piped_reply(&self, req: &Request, pipe: Pipe, res: IoResult) -> Reply {
+        self.put_pipe(pipe);
+        match res {
+            Ok(()) => self.ok_reply(req),
+            Err(e) => self.error_reply(req, nbd_errno(e.errno()), &e.to_string()),
+        }
+    }
+
     /// Reads a write's payload into a buffer.
     fn receive(&self, r: &mut BufReader<&File>, len: usize) -> io::Result<Vec<u8>> {
         let mut data = self.buffer(len);
@@ -617,7 +670,7 @@ impl Pipe {
 
     /// Moves a write's payload into the pipe: what the reader has buffered is copied, the rest
     /// spliced from the socket. If the pipe fills up first, falls back to a buffer.
-    fn receive(&mut self, c: &Conn<'_>, r: &mut BufReader<&File>, len: usize) -> io::Result<Payload> {
+    fn receive(self, c: &Conn<'_>, r: &mut BufReader<&File>, len: usize) -> io::Result<Payload> {
         let sock = sock_of(r).as_raw_fd();
         let pre = r.buffer().len().min(len);
         write_fd(self.wr.as_raw_fd(), &r.buffer()[..pre])?;
@@ -653,13 +706,18 @@ impl Pipe {
                 Some(libc::EAGAIN) | Some(libc::EINVAL) => {
                     let mut data = c.buffer(len);
                     crate::io::read_pipe(self.rd.as_raw_fd(), &mut data[..got])?;
+                    c.put_pipe(self);
                     r.read_exact(&mut data[got..len])?;
                     return Ok(Payload::Buf(data));
                 }
                 _ => return Err(e),
             }
         }
-        Ok(Payload::Piped)
+        Ok(Payload::Piped(self))
+    }
+
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.rd.as_raw_fd()
     }
 
     /// Empties the pipe (what a failed write left in it).
@@ -739,6 +797,7 @@ pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, tu
         max_workers: tuning.workers,
         inline: tuning.inline,
         splice: tuning.splice,
+        pipes: Mutex::new((Vec::new(), 0)),
         queue: Mutex::new(Queue {
             jobs: VecDeque::new(),
             closed: false,
@@ -789,7 +848,6 @@ fn flush<'s>(c: &'s Conn<'_>, s: &'s std::thread::Scope<'s, '_>) {
 
 fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Scope<'s, '_>) -> io::Result<()> {
     let mut spin = Spin::default();
-    let mut pipe = if c.splice { Pipe::new() } else { None };
     loop {
         if r.buffer().len() < REQUEST_LEN {
             // About to wait for the client: let it have the replies first.
@@ -840,18 +898,22 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
             if r.buffer().len() < len {
                 flush(c, s);
             }
-            // A big write the client waits for alone, with its payload still on the way: into
-            // a pipe, and from there into the files with `splice` (docs/PERFORMANCE.md).
-            let piped = len >= SPLICE_MIN
-                && r.buffer().len() < len
-                && req.flags & CMD_FLAG_FUA == 0
-                && c.inline > 0
-                && c.max_workers > 0
-                && lock(&c.queue).inflight == 1
-                && c.check(&req).is_ok();
-            let received = match pipe.as_mut().filter(|p| piped && len <= p.cap) {
-                Some(p) => p.receive(c, r, len),
-                None => c.receive(r, len).map(Payload::Buf),
+            // A big write the client waits for alone, with its payload still on the way, goes
+            // into a pipe and from there into the files with `splice`. With more in flight the
+            // copy into a buffer overlaps with the workers' writes and measured as fast or faster
+            // (docs/PERFORMANCE.md, "Data plane").
+            let alone = req.flags & CMD_FLAG_FUA == 0 && c.inline > 0 && lock(&c.queue).inflight == 1;
+            let pipe = (alone && c.splice && len >= SPLICE_MIN && r.buffer().len() < len && c.max_workers > 0)
+                .then(|| c.take_pipe())
+                .flatten();
+            let received = match pipe {
+                Some(p) if len <= p.cap => p.receive(c, r, len),
+                other => {
+                    if let Some(p) = other {
+                        c.put_pipe(p);
+                    }
+                    c.receive(r, len).map(Payload::Buf)
+                }
             };
             match received {
                 Err(e) => {
@@ -859,24 +921,21 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
                     return Err(e);
                 }
                 Ok(Payload::Buf(d)) => data = d,
-                Ok(Payload::Piped) => {
-                    let p = pipe.as_mut().expect("piped");
-                    match c.export.handle.write_from_pipe(req.offset, p.rd.as_raw_fd(), req.len as u64, false, true) {
-                        Err(IoError::WouldBlock) => {
-                            // Suspended: a worker waits for the resume with the bytes in hand.
-                            let mut d = c.buffer(len);
-                            crate::io::read_pipe(p.rd.as_raw_fd(), &mut d[..len])?;
-                            c.dispatch(s, Job::Request { req, data: d });
-                        }
+                Ok(Payload::Piped(p)) => {
+                    let more = r.buffer().len() >= REQUEST_LEN;
+                    if let Err((err, msg)) = c.check(&req) {
+                        tracing::debug!("nbd: refusing {req:?}: {} ({msg})", errno_name(err));
+                        reply(c, s, c.error_reply(&req, err, msg), !more);
+                        c.put_pipe(p);
+                        c.done(&req);
+                        continue;
+                    }
+                    // Right here, unless the device is suspended: then a worker waits for the
+                    // resume with it.
+                    match c.export.handle.write_from_pipe(req.offset, p.fd(), req.len as u64, false, true) {
+                        Err(IoError::WouldBlock) => c.dispatch(s, Job::Piped { req, pipe: p }),
                         res => {
-                            if res.is_err() {
-                                p.drain()?;
-                            }
-                            let rep = match res {
-                                Ok(()) => c.ok_reply(&req),
-                                Err(e) => c.error_reply(&req, nbd_errno(e.errno()), &e.to_string()),
-                            };
-                            reply(c, s, rep, r.buffer().len() < REQUEST_LEN);
+                            reply(c, s, c.piped_reply(&req, p, res), !more);
                             c.done(&req);
                         }
                     }
