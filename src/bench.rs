@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// /run a real daemon uses; else the temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Only the data plane's stacking cost (in-process reads through 1, 2, 3 linear layers).
+    #[arg(long)]
+    pub stacking_only: bool,
     /// Internal: serve a bare echo on this socket (the round-trip peer).
     #[arg(long, hide = true)]
     pub echo_server: Option<PathBuf>,
@@ -287,11 +290,120 @@ pub(crate) fn work_dir(dir: Option<PathBuf>, tag: &str) -> std::io::Result<PathB
     Ok(dir)
 }
 
+/// The data plane's own cost per request through 1, 2 and 3 stacked `linear` layers, in-process
+/// (a daemon in this process, IO through [`crate::io::IoHandle`], no socket): reads at
+/// pseudo-random offsets of a file in the page cache. Returns (layers, ns per 4 KiB read, ns per
+/// 1 MiB read), medians of alternating blocks.
+fn stacking(dir: &Path) -> Result<Vec<(usize, f64, f64)>> {
+    use crate::dm::{DevNum, Engine, EngineConfig};
+    use crate::server::{Daemon, ServeConfig};
+    const SECTORS: u64 = 128 << 11; // 128 MiB
+    let file = dir.join("stack.img");
+    {
+        let mut f = std::fs::File::create(&file)?;
+        let chunk = vec![0x5au8; 1 << 20];
+        for _ in 0..SECTORS / 2048 {
+            f.write_all(&chunk)?;
+        }
+    }
+    let socket = dir.join("stack.sock");
+    let cfg = ServeConfig {
+        socket: socket.clone(),
+        run_dir: dir.join("stack-run"),
+        engine: EngineConfig { major: 251, file_major: 250 },
+        netbsd_errors: Default::default(),
+        fuse_dir: None,
+    };
+    let engine = Engine::new(cfg.engine, crate::targets::registry(), Box::new(crate::server::resolver::FsResolver));
+    let d = Daemon::new(&cfg, engine)?;
+    let (d2, s2) = (d.clone(), socket.clone());
+    std::thread::spawn(move || d2.serve(&s2));
+    let mut c = (0..200)
+        .find_map(|_| {
+            let c = Client::connect(&socket).ok();
+            if c.is_none() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            c
+        })
+        .ok_or("in-process daemon did not start")?;
+    let mut below = file.to_string_lossy().into_owned();
+    let mut handles = Vec::new();
+    for name in ["stack1", "stack2", "stack3"] {
+        let args = format!("{below} 0");
+        check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name(name))?, "create")?;
+        check(
+            &c.run(&IoctlBuf::new(DmCmd::TableLoad).name(name).table([(0, SECTORS, "linear", args.as_str())]))?,
+            "load",
+        )?;
+        let st = c.run(&IoctlBuf::new(DmCmd::DevSuspend).name(name))?;
+        check(&st, "resume")?;
+        below = DevNum::huge_decode(st.header().dev).to_string();
+        handles.push(d.io().open(name).ok_or("device not open for IO")?);
+    }
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |span: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % span
+    };
+    let bytes = SECTORS * 512;
+    let mut small = vec![0u8; 4096];
+    let mut big = vec![0u8; 1 << 20];
+    let (mut t4k, mut t1m) = (vec![Vec::new(); 3], vec![Vec::new(); 3]);
+    for _round in 0..7 {
+        for (i, h) in handles.iter().enumerate() {
+            let n = 100_000;
+            let t = Instant::now();
+            for _ in 0..n {
+                h.read(next(bytes / 4096) * 4096, &mut small).map_err(|e| e.to_string())?;
+            }
+            t4k[i].push(t.elapsed().as_nanos() as f64 / n as f64);
+            let n = 300;
+            let t = Instant::now();
+            for _ in 0..n {
+                h.read(next(bytes >> 20) << 20, &mut big).map_err(|e| e.to_string())?;
+            }
+            t1m[i].push(t.elapsed().as_nanos() as f64 / n as f64);
+        }
+    }
+    drop(handles);
+    let _ = std::fs::remove_file(&file);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(t4k.into_iter().zip(t1m).enumerate().map(|(i, (a, b))| (i + 1, median(a), median(b))).collect())
+}
+
 pub fn run(args: BenchArgs) -> Result {
     if let Some(p) = args.echo_server {
         return echo_server(&p);
     }
     let dir = work_dir(args.dir.clone(), "bench")?;
+    let print_stacking = |dir: &Path| -> Result {
+        let v = stacking(dir)?;
+        for (layers, ns4k, ns1m) in &v {
+            println!(
+                "data plane in-process, {layers} linear layer(s): {:.0} ns per 4 KiB read, {:.1} µs per 1 MiB read",
+                ns4k,
+                ns1m / 1000.0
+            );
+        }
+        let (a, b) = (v[0], v[2]);
+        println!(
+            "data plane: each extra layer adds {:.0} ns per 4 KiB read, {:.0} ns per 1 MiB read",
+            (b.1 - a.1) / 2.0,
+            (b.2 - a.2) / 2.0
+        );
+        Ok(())
+    };
+    if args.stacking_only {
+        print_stacking(&dir)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
     let mut runs = vec![false];
     if args.pin {
         runs.push(true);
@@ -318,6 +430,7 @@ pub fn run(args: BenchArgs) -> Result {
         b.rss_per_target,
         b.encode.as_secs_f64()
     );
+    print_stacking(&dir)?;
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::io::stdout().flush();
     Ok(())
