@@ -36,6 +36,11 @@ const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_META_CONTEXT: u32 = 4;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+const OPT_SET_META_CONTEXT: u32 = 10;
+const FLAG_REQ_ONE: u16 = 8;
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
@@ -209,6 +214,8 @@ impl Nbd {
                     match typ {
                         0 => assert_eq!(len, 0),
                         1 => data.extend_from_slice(&p[8..]),
+                        // NBD_REPLY_TYPE_BLOCK_STATUS: the raw payload (context id, descriptors).
+                        5 => data.extend_from_slice(&p),
                         t if t & 0x8000 != 0 => {
                             let msg_len = be16(&p[4..]) as usize;
                             assert!(6 + msg_len <= p.len());
@@ -904,4 +911,59 @@ fn fio_verify_job_through_a_two_segment_linear_device() {
     assert!(got[2 * MIB as usize..] == read_at(&b, 0, 4 * MIB as usize));
     assert!(got.chunks(4096).all(|blk| blk.iter().any(|&x| x != 0)), "a block fio never wrote");
     assert!(read_at(&a, 0, MIB as usize).iter().all(|&x| x == 0), "a.img before the mapping untouched");
+}
+
+/// The body of a LIST/SET_META_CONTEXT option.
+fn meta_request(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+#[test]
+fn metadata_context_negotiation_and_block_status_follow_the_protocol() {
+    let d = Daemon::start();
+    let f = d.file("m.img", 4096); // 2 MiB, all hole
+    write_at(&f, MIB, &pattern(31, 64 * KIB as usize));
+    d.dmsetup(&["create", "m", "--table", &format!("0 4096 linear {f} 0")]).ok();
+    let mut h = Haggle::connect(&d.nbd_socket());
+    // Metadata contexts need structured replies first.
+    h.option(OPT_SET_META_CONTEXT, &meta_request("m", &["base:allocation"]));
+    assert_eq!(h.reply(OPT_SET_META_CONTEXT).0, REP_ERR_INVALID);
+    h.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(h.reply(OPT_STRUCTURED_REPLY).0, REP_ACK);
+    h.option(OPT_SET_META_CONTEXT, &[0, 0, 0]);
+    assert_eq!(h.reply(OPT_SET_META_CONTEXT).0, REP_ERR_INVALID, "malformed");
+    h.option(OPT_SET_META_CONTEXT, &meta_request("nonesuch", &["base:allocation"]));
+    assert_eq!(h.reply(OPT_SET_META_CONTEXT).0, REP_ERR_UNKNOWN);
+    // LIST without queries: every context; with an unknown namespace only: none.
+    h.option(OPT_LIST_META_CONTEXT, &meta_request("m", &[]));
+    let (t, ctx) = h.reply(OPT_LIST_META_CONTEXT);
+    assert_eq!((t, be32(&ctx), &ctx[4..]), (REP_META_CONTEXT, 1, &b"base:allocation"[..]));
+    assert_eq!(h.reply(OPT_LIST_META_CONTEXT).0, REP_ACK);
+    h.option(OPT_LIST_META_CONTEXT, &meta_request("m", &["qemu:dirty-bitmap:x"]));
+    assert_eq!(h.reply(OPT_LIST_META_CONTEXT).0, REP_ACK);
+    h.option(OPT_SET_META_CONTEXT, &meta_request("m", &["qemu:dirty-bitmap:x", "base:allocation"]));
+    assert_eq!(h.reply(OPT_SET_META_CONTEXT).0, REP_META_CONTEXT);
+    assert_eq!(h.reply(OPT_SET_META_CONTEXT).0, REP_ACK);
+    let mut c = h.go("m", false).unwrap();
+    c.structured = true;
+    let descriptors = |r: Vec<u8>| -> Vec<(u32, u32)> {
+        assert_eq!(be32(&r), 1, "context id");
+        r[4..].chunks(8).map(|x| (be32(x), be32(&x[4..]))).collect()
+    };
+    let all = c.call(CMD_BLOCK_STATUS, 0, 0, 2 * MIB as u32, &[]).unwrap();
+    let k = KIB as u32;
+    assert_eq!(descriptors(all), vec![(1024 * k, 3), (64 * k, 0), (960 * k, 3)]);
+    let one = c.call(CMD_BLOCK_STATUS, FLAG_REQ_ONE, MIB + 4096, MIB as u32 - 4096, &[]).unwrap();
+    assert_eq!(descriptors(one), vec![(60 * k, 0)]);
+    assert_eq!(c.call(CMD_BLOCK_STATUS, 0, 0, 0, &[]), Err(EINVAL), "length 0");
+    assert_eq!(c.call(CMD_BLOCK_STATUS, 0, MIB, 2 * MIB as u32, &[]), Err(EINVAL), "past the end");
+    assert_eq!(c.call(CMD_BLOCK_STATUS, FLAG_FUA, 0, 4096, &[]), Err(EINVAL), "flag not for this command");
+    assert_eq!(c.read(MIB, 512).unwrap(), pattern(31, 512), "the connection goes on");
 }
