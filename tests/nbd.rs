@@ -966,4 +966,22 @@ fn metadata_context_negotiation_and_block_status_follow_the_protocol() {
     assert_eq!(c.call(CMD_BLOCK_STATUS, 0, MIB, 2 * MIB as u32, &[]), Err(EINVAL), "past the end");
     assert_eq!(c.call(CMD_BLOCK_STATUS, FLAG_FUA, 0, 4096, &[]), Err(EINVAL), "flag not for this command");
     assert_eq!(c.read(MIB, 512).unwrap(), pattern(31, 512), "the connection goes on");
+
+    // Millions of tiny pieces (4 KiB stripes over sparse files): answered in part, correctly,
+    // rather than walked to the end.
+    let s1 = d.file("s1.img", 4 << 21); // 4 GiB each, all hole
+    let s2 = d.file("s2.img", 4 << 21);
+    d.dmsetup(&["create", "tiny", "--table", &format!("0 {} striped 2 8 {s1} 0 {s2} 0", 8u64 << 21)]).ok();
+    let mut h = Haggle::connect(&d.nbd_socket());
+    h.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(h.reply(OPT_STRUCTURED_REPLY).0, REP_ACK);
+    h.option(OPT_SET_META_CONTEXT, &meta_request("tiny", &["base:allocation"]));
+    assert_eq!(h.reply(OPT_SET_META_CONTEXT).0, REP_META_CONTEXT);
+    assert_eq!(h.reply(OPT_SET_META_CONTEXT).0, REP_ACK);
+    let mut t = h.go("tiny", false).unwrap();
+    t.structured = true;
+    let got = descriptors(t.call(CMD_BLOCK_STATUS, 0, 0, u32::MAX & !4095, &[]).unwrap());
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (len, state) = got[0];
+    assert!(len > 0 && len < u32::MAX & !4095 && len % 4096 == 0 && state == 3, "{got:?}");
 }

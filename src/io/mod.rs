@@ -387,14 +387,24 @@ impl DataPlane {
     }
 
     /// Appends the allocation of `len` bytes at `offset` of a device to `out` (see
-    /// [`IoHandle::extents`]); stops early once `out` holds more than `max` runs.
-    fn extents_of(&self, dev: &DeviceIo, offset: u64, len: u64, out: &mut Vec<Extent>, max: usize) -> IoResult {
+    /// [`IoHandle::extents`]); stops early once `out` holds more than `max` runs or `budget`
+    /// steps (pieces of the table, seeks in files) are spent.
+    fn extents_of(
+        &self,
+        dev: &DeviceIo,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+        max: usize,
+        budget: &mut u32,
+    ) -> IoResult {
         let pass = dev.enter()?;
         if offset.checked_add(len).is_none_or(|end| end > pass.table.size().bytes()) {
             return Err(IoError::Range);
         }
         let mut done = 0u64;
-        while done < len && out.len() <= max {
+        while done < len && out.len() <= max && *budget > 0 {
+            *budget -= 1;
             let pos = offset + done;
             let t = pass.table.find(Sectors(pos / SECTOR)).ok_or(IoError::Range)?;
             let within = pos - t.start.bytes();
@@ -407,9 +417,9 @@ impl DataPlane {
                     match pdev.kind {
                         PdevKind::Dm { minor } => {
                             let lower = self.device(minor).ok_or(IoError::NoDevice)?;
-                            self.extents_of(&lower, at, n, out, max)?;
+                            self.extents_of(&lower, at, n, out, max, budget)?;
                         }
-                        _ => file_extents(&self.file(pdev)?.file, at, n, out, max)?,
+                        _ => file_extents(&self.file(pdev)?.file, at, n, out, max, budget)?,
                     }
                     n
                 }
@@ -535,6 +545,9 @@ pub struct Extent {
     pub zero: bool,
 }
 
+/// Table pieces and file seeks one [`IoHandle::extents`] call may take.
+const EXTENT_STEPS: u32 = 1 << 16;
+
 fn push_extent(out: &mut Vec<Extent>, e: Extent) {
     match out.last_mut() {
         Some(last) if (last.hole, last.zero) == (e.hole, e.zero) => last.len += e.len,
@@ -545,7 +558,7 @@ fn push_extent(out: &mut Vec<Extent>, e: Extent) {
 
 /// The allocation of `n` bytes at `at` of a file or block device, from `SEEK_DATA`/`SEEK_HOLE`
 /// (past the end of a file is a hole, as reads there give zeroes; a block device is all data).
-fn file_extents(f: &File, at: u64, n: u64, out: &mut Vec<Extent>, max: usize) -> IoResult {
+fn file_extents(f: &File, at: u64, n: u64, out: &mut Vec<Extent>, max: usize, budget: &mut u32) -> IoResult {
     let seek = |pos: u64, whence: i32| -> std::io::Result<u64> {
         // SAFETY: a valid fd; the file position is never used for IO here (all IO is positioned).
         let r = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, whence) };
@@ -557,7 +570,8 @@ fn file_extents(f: &File, at: u64, n: u64, out: &mut Vec<Extent>, max: usize) ->
     };
     let end = at + n;
     let mut pos = at;
-    while pos < end && out.len() <= max {
+    while pos < end && out.len() <= max && *budget > 0 {
+        *budget -= 1;
         let data = match seek(pos, libc::SEEK_DATA) {
             Ok(d) => d,
             // No data at or after `pos`.
@@ -760,7 +774,10 @@ impl IoHandle {
     /// (never nothing). Waits while the device is suspended, as a read would.
     pub fn extents(&self, offset: u64, len: u64, max: usize) -> IoResult<Vec<Extent>> {
         let mut out = Vec::new();
-        self.plane.extents_of(&self.dev, offset, len, &mut out, max.max(1))?;
+        // A request over a long run of tiny pieces (a striped device with small chunks over
+        // sparse files) is answered in part rather than keeping a thread busy for seconds.
+        let mut budget = EXTENT_STEPS;
+        self.plane.extents_of(&self.dev, offset, len, &mut out, max.max(1), &mut budget)?;
         out.truncate(max.max(1));
         Ok(out)
     }
