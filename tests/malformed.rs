@@ -1261,7 +1261,7 @@ fn frame_with_unknown_kind_closes_only_that_connection() {
     // unassigned numbers and the daemon→client kinds.
     let candidates = [
         0u16,
-        6,
+        7,
         0x7f,
         0x80,
         Kind::IoctlReply as u16,
@@ -1301,6 +1301,7 @@ fn frame_len_over_the_bound_closes_only_that_connection() {
         (Kind::Hello, 1),
         (Kind::Hello, u32::MAX),
         (Kind::Cancel, 1),
+        (Kind::BlkRoSet, 9),
     ];
     for (kind, len) in cases {
         abuse_and_finish(&format!("{kind:?} frame with len {len:#x} and no payload"), Closes::Daemon, |_, s| {
@@ -1759,4 +1760,26 @@ fn fuzz_table_load_mutations() {
     let out = d.dmsetup(&["info", "fz"]);
     assert!(out.ok().contains("fz"), "{out:?}");
     finish(&d, &["fz"]);
+}
+
+#[test]
+fn blkroset_frames_with_a_bad_payload_or_device_get_errnos() {
+    let d = Daemon::start();
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    let mut call = |payload: &[u8]| -> (u16, i32, i32) {
+        let mut f = raw_header(MAGIC, Kind::BlkRoSet as u16, 0, payload.len() as u32);
+        f.extend_from_slice(payload);
+        s.write_all(&f).unwrap();
+        let mut h = [0u8; HEADER_LEN + 8];
+        s.read_exact(&mut h).unwrap();
+        let word = |i: usize| i32::from_le_bytes(h[i..i + 4].try_into().unwrap());
+        (u16::from_le_bytes([h[4], h[5]]), word(16), word(20))
+    };
+    let reply = Kind::BlkRoSetReply as u16;
+    assert_eq!(call(&[1, 2, 3]), (reply, -1, EINVAL), "short payload");
+    assert_eq!(call(&[]), (reply, -1, EINVAL), "empty payload");
+    let mut p = 999u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&1i32.to_le_bytes());
+    assert_eq!(call(&p), (reply, -1, ENXIO), "no such device");
+    assert_serves(&d, "BLKROSET frames");
 }

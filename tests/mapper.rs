@@ -127,6 +127,29 @@ fn blkdiscard_zeroout_and_flushbufs_reach_the_backing_file() {
     assert!(back[..8 * 512].iter().all(|&b| b == 0), "nothing before the table's offset");
 }
 
+#[test]
+fn blockdev_setro_holds_across_a_table_swap_until_setrw() {
+    let m = Mapper::start();
+    let file = m.linear("rs", 2048, 0, &[]);
+    m.run("blockdev", &["--setro", "/dev/mapper/rs"]).ok();
+    assert_eq!(m.run("blockdev", &["--getro", "/dev/mapper/rs"]).ok(), "1\n");
+    // The disk's RO state is what DM_DEV_STATUS reports.
+    assert!(m.d.dmsetup(&["info", "rs"]).ok().contains("State:             ACTIVE (READ-ONLY)\n"));
+    std::fs::write(m.d.path("one"), [0xaau8; 512]).unwrap();
+    let src = format!("if={}", m.d.path("one").display());
+    let out = m.run("dd", &[&src, "of=/dev/mapper/rs", "bs=512", "status=none"]);
+    assert!(out.err().contains("Operation not permitted"), "{out:#?}");
+    // A new writable table does not clear the block device's flag (only BLKROSET 0 does).
+    m.d.dmsetup(&["reload", "rs", "--table", &format!("0 2048 linear {file} 0")]).ok();
+    m.d.dmsetup(&["resume", "rs"]).ok();
+    assert_eq!(m.run("blockdev", &["--getro", "/dev/mapper/rs"]).ok(), "1\n");
+    m.run("blockdev", &["--setrw", "/dev/mapper/rs"]).ok();
+    assert_eq!(m.run("blockdev", &["--getro", "/dev/mapper/rs"]).ok(), "0\n");
+    assert!(m.d.dmsetup(&["info", "rs"]).ok().contains("State:             ACTIVE\n"));
+    m.run("dd", &[&src, "of=/dev/mapper/rs", "bs=512", "status=none"]).ok();
+    assert_eq!(std::fs::read(&file).unwrap()[..512], [0xaa; 512]);
+}
+
 fn wait_open_count(m: &Mapper, name: &str, want: &str) {
     for _ in 0..200 {
         if m.info_field(name, "open") == want {

@@ -36,6 +36,7 @@ const fn ior(nr: c_ulong) -> c_ulong {
 const fn iow(nr: c_ulong) -> c_ulong {
     (1 << 30) | ((std::mem::size_of::<usize>() as c_ulong) << 16) | 0x1200 | nr
 }
+const BLKROSET: c_ulong = io(93);
 const BLKROGET: c_ulong = io(94);
 const BLKRRPART: c_ulong = io(95);
 const BLKGETSIZE: c_ulong = io(96);
@@ -291,7 +292,19 @@ pub unsafe fn ioctl(
             BLKROGET => put::<c_int>(arg, sysfs_int(minor, "ro").unwrap_or(0) as c_int),
             // read_ahead_kb ↔ 512-byte sectors, in whole 4 KiB pages as the kernel keeps them.
             BLKRAGET => put::<c_long>(arg, (sysfs_int(minor, "bdi/read_ahead_kb").unwrap_or(128) * 2) as c_long),
-            BLKRASET | BLKFLSBUF if !is_root() => fail(libc::EACCES),
+            BLKRASET | BLKFLSBUF | BLKROSET if !is_root() => fail(libc::EACCES),
+            // The daemon keeps the flag (it shows in DM_DEV_STATUS and sysfs `ro`, and IO obeys it).
+            BLKROSET if arg.is_null() => fail(libc::EFAULT),
+            BLKROSET => {
+                let value = arg.cast::<c_int>().read_unaligned();
+                let mut payload = [0u8; 8];
+                payload[..4].copy_from_slice(&(minor as u32).to_le_bytes());
+                payload[4..].copy_from_slice(&value.to_le_bytes());
+                match frame::call(frame::BLK_RO_SET, &payload, frame::BLK_RO_SET_REPLY) {
+                    0 => 0,
+                    e => fail(e),
+                }
+            }
             BLKRASET => {
                 let kb = (arg as u64).saturating_mul(SECTOR) / 4096 * 4;
                 if sysfs_write(minor, "bdi/read_ahead_kb", &format!("{kb}\n")) {

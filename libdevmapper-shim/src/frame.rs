@@ -11,6 +11,8 @@ pub const IOCTL: u16 = 1;
 pub const PLIST: u16 = 2;
 pub const HELLO: u16 = 3;
 pub const CANCEL: u16 = 4;
+pub const BLK_RO_SET: u16 = 6;
+pub const BLK_RO_SET_REPLY: u16 = 0x86;
 pub const IOCTL_REPLY: u16 = 0x81;
 pub const PLIST_REPLY: u16 = 0x82;
 pub const HELLO_REPLY: u16 = 0x83;
@@ -232,6 +234,32 @@ pub fn drain_events(fd: c_int) -> Result<(), ()> {
             },
         }
     }
+}
+
+/// One request frame on a connection of its own, answered by a `ret`/`errno` reply of
+/// `reply_kind`: the errno to report (0 on success). ENODEV when no daemon answers, EIO when the
+/// exchange breaks.
+pub fn call(kind: u16, payload: &[u8], reply_kind: u16) -> c_int {
+    let fd = match connect(true) {
+        Ok(fd) => fd,
+        Err(e) => return e,
+    };
+    let r = (|| {
+        send_all(fd, &[&header(kind, payload.len() as u32), payload]).map_err(|_| libc::EIO)?;
+        let mut rd = Reader { fd, cancel_on_signal: false, cancelled: false };
+        let (k, len) = rd.next_frame().map_err(|_| libc::EIO)?;
+        if k != reply_kind || len != 8 {
+            return Err(libc::EIO);
+        }
+        let mut b = [0u8; 8];
+        // SAFETY: b holds 8 bytes.
+        unsafe { rd.read(b.as_mut_ptr(), 8) }.map_err(|_| libc::EIO)?;
+        let (ret, errno) =
+            (i32::from_le_bytes(b[..4].try_into().unwrap()), i32::from_le_bytes(b[4..].try_into().unwrap()));
+        Ok(if ret < 0 { errno.max(1) } else { 0 })
+    })();
+    sys::sys_close(fd);
+    r.unwrap_or_else(|e| e)
 }
 
 /// What `HELLO` told us; fixed for the life of the daemon, so cached for the process.

@@ -19,6 +19,9 @@ pub struct Device {
     pub suspended: bool,
     /// The disk's read-only state, which follows the live table's mode.
     pub read_only: bool,
+    /// `BLKROSET`'s flag on the block device: unlike `read_only`, table swaps leave it alone and
+    /// only `BLKROSET 0` clears it (the kernel's `BD_READ_ONLY` beside `GD_READ_ONLY`).
+    pub bdev_read_only: bool,
     /// Per-device event counter (u32, wraps), moved by table events on the live table.
     pub event_nr: u32,
     /// Openers of the block device itself (the data plane); tables that use this device as a pdev
@@ -35,6 +38,11 @@ pub struct Device {
 }
 
 impl Device {
+    /// What `get_disk_ro` says: the live table's mode or `BLKROSET`'s flag.
+    pub fn disk_read_only(&self) -> bool {
+        self.read_only || self.bdev_read_only
+    }
+
     pub fn new(name: DmName, uuid: Option<DmUuid>, minor: u32) -> Self {
         Self {
             name,
@@ -44,6 +52,7 @@ impl Device {
             inactive: None,
             suspended: false,
             read_only: false,
+            bdev_read_only: false,
             event_nr: 0,
             opens: 0,
             geometry: None,

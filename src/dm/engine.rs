@@ -79,6 +79,11 @@ impl Engine {
         self.reap_deferred();
     }
 
+    /// `BLKROSET` on a device's block device; false if there is no such device.
+    pub fn set_bdev_read_only(&mut self, minor: u32, read_only: bool) -> bool {
+        self.devices.get_mut(&minor).map(|d| d.bdev_read_only = read_only).is_some()
+    }
+
     /// A device's status fill, by minor (DEV_WAIT keeps the device it looked up once).
     pub fn dev_info(&self, minor: u32, query_inactive: bool) -> Option<DevInfo> {
         self.devices.contains_key(&minor).then(|| self.info(minor, query_inactive))
@@ -139,7 +144,7 @@ impl Engine {
         };
         if let Some(live) = &d.live {
             if !query_inactive {
-                info.read_only = d.read_only;
+                info.read_only = d.disk_read_only();
                 info.target_count = live.len() as u32;
             }
         }

@@ -35,10 +35,13 @@ pub enum Kind {
     Cancel = 4,
     /// The RFC dm-switch generic-netlink upload (docs/protocols.md).
     Genl = 5,
+    /// `BLKROSET` on a device's block node (the shim's): minor and value, two u32.
+    BlkRoSet = 6,
     IoctlReply = 0x81,
     PlistReply = 0x82,
     HelloReply = 0x83,
     GenlReply = 0x85,
+    BlkRoSetReply = 0x86,
     Event = 0x90,
 }
 
@@ -50,10 +53,12 @@ impl Kind {
             3 => Kind::Hello,
             4 => Kind::Cancel,
             5 => Kind::Genl,
+            6 => Kind::BlkRoSet,
             0x81 => Kind::IoctlReply,
             0x82 => Kind::PlistReply,
             0x83 => Kind::HelloReply,
             0x85 => Kind::GenlReply,
+            0x86 => Kind::BlkRoSetReply,
             0x90 => Kind::Event,
             _ => return None,
         })
@@ -66,6 +71,7 @@ impl Kind {
             Kind::Plist => Some(MAX_PLIST_PAYLOAD),
             Kind::Genl => Some(MAX_GENL_PAYLOAD),
             Kind::Hello | Kind::Cancel => Some(0),
+            Kind::BlkRoSet => Some(8),
             _ => None,
         }
     }

@@ -42,7 +42,7 @@ impl State {
     fn sync(&mut self, io: &DataPlane) {
         self.sysfs.sync(&self.engine);
         for d in self.engine.devices() {
-            io.publish(d.minor, d.name.as_str(), d.live.clone(), d.suspended, d.read_only);
+            io.publish(d.minor, d.name.as_str(), d.live.clone(), d.suspended, d.disk_read_only());
         }
         io.retain(|m| self.engine.device(m).is_some());
     }
@@ -263,9 +263,36 @@ impl Daemon {
                     });
                     self.send(conn, Kind::GenlReply, &[&reply])?;
                 }
+                Kind::BlkRoSet => {
+                    let errno = self.blk_ro_set(&payload, privileged);
+                    let ret = if errno == 0 { 0 } else { -1 };
+                    self.send(conn, Kind::BlkRoSetReply, &[&frame::ioctl_reply(ret, errno, &[])])?;
+                }
                 _ => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected frame kind {kind:?}"))),
             }
         }
+    }
+
+    /// `BLKROSET` (block/ioctl.c `blkdev_roset`): CAP_SYS_ADMIN or EACCES; the flag stays on the
+    /// block device across table swaps, makes it read-only to IO and shows as the disk's RO state
+    /// (DM_READONLY_FLAG, sysfs `ro`). Returns the errno, 0 on success.
+    fn blk_ro_set(&self, payload: &[u8], privileged: bool) -> i32 {
+        let (Some(minor), Some(value)) = (payload.get(0..4), payload.get(4..8)) else {
+            tracing::warn!("BLKROSET frame of {} bytes (want 8)", payload.len());
+            return libc::EINVAL;
+        };
+        if !privileged {
+            return libc::EACCES;
+        }
+        let minor = u32::from_le_bytes(minor.try_into().expect("4 bytes"));
+        let read_only = i32::from_le_bytes(value.try_into().expect("4 bytes")) != 0;
+        let mut st = self.lock();
+        if !st.engine.set_bdev_read_only(minor, read_only) {
+            return libc::ENXIO;
+        }
+        st.sync(&self.io);
+        tracing::debug!("BLKROSET dm-{minor} {}", read_only as u8);
+        0
     }
 
     fn send(&self, conn: &Conn, kind: Kind, parts: &[&[u8]]) -> io::Result<()> {

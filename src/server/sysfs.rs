@@ -83,7 +83,7 @@ impl Sysfs {
                     name: d.name.to_string(),
                     uuid: d.uuid.as_ref().map(|u| u.to_string()).unwrap_or_default(),
                     size: d.size().0,
-                    ro: d.read_only,
+                    ro: d.disk_read_only(),
                     suspended: d.suspended,
                     slaves,
                     holders: Vec::new(),
