@@ -79,6 +79,12 @@ fn mkfs_ext4_then_e2fsck_is_clean() {
     assert!(text.contains("Pass 5: Checking group summary information\n/dev/mapper/fs: 11/"), "{out:#?}");
     let out = m.run("e2fsck", &["-n", "/dev/mapper/fs"]);
     assert!(out.ok().contains("/dev/mapper/fs: clean, 11/"), "{out:#?}");
+    // libblkid finds the filesystem; lsblk sees a 64 MiB dm disk.
+    assert_eq!(m.run("blkid", &["-o", "value", "-s", "TYPE", "/dev/mapper/fs"]).ok(), "ext4\n");
+    assert_eq!(
+        m.run("lsblk", &["-dn", "-o", "TYPE,SIZE", "/dev/mapper/fs"]).ok().split_whitespace().collect::<Vec<_>>(),
+        ["dm", "64M"]
+    );
     // The superblock landed in the backing file behind the table's 1 MiB offset.
     let back = std::fs::read(&file).unwrap();
     let magic = 2048 * 512 + 1024 + 0x38;
