@@ -1,7 +1,7 @@
 //! The dmsetup compatibility suite: Debian's unmodified `/usr/sbin/dmsetup` (libdevmapper
 //! 1.02.185) against a real `dmemu serve`, through the real shim. Every case asserts stdout, stderr
 //! and the exit code exactly; the expected text is what dmsetup prints against the kernel's
-//! device-mapper (shared/spec/linux-dm-abi.md §2–§3), with underlying files shown as their pseudo
+//! device-mapper (linux-dm-abi.md §2–§3), with underlying files shown as their pseudo
 //! `major:minor` (docs/pdev-numbers.md).
 
 mod common;

@@ -1,7 +1,7 @@
 //! `libdmemu_preload.so`: an LD_PRELOAD shim that points unmodified libdevmapper clients (dmsetup,
 //! LVM, cryptsetup, …) at the dmemu daemon instead of the kernel's device-mapper driver.
 //!
-//! What is interposed and why is `/work/shared/spec/interposition.md` §1.4 ("interposition.md" below);
+//! What is interposed and why is the project's interposition spec (`interposition.md` §1.4 below);
 //! the wire protocol is `docs/control-socket.md`.
 //!
 //! Ground rules (interposition.md §1.3, §1.6):
