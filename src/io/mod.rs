@@ -329,33 +329,22 @@ impl DataPlane {
         let mut buf = buf;
         let mut done = 0u64;
         while done < len {
-            let pos = offset + done;
-            let sector = Sectors(pos / SECTOR);
-            let t = pass.table.find(sector).ok_or(IoError::Range)?;
-            let within = pos - t.start.bytes();
-            let target_left = t.len.bytes() - within;
-            let want = (len - done).min(target_left);
-            // Targets map in whole sectors; a request that starts mid-sector keeps its offset.
-            let mapping = t.target.map(Sectors(within / SECTOR), Sectors((within % SECTOR + want).div_ceil(SECTOR)));
-            let chunk = match mapping {
-                Mapping::Remap { dev: pdev, sector, max_len } => {
-                    let n = want.min(max_len.bytes() - within % SECTOR);
-                    let at = sector.bytes() + within % SECTOR;
+            done += match piece(&pass.table, offset + done, len - done)? {
+                Piece::Remap { pdev, at, len: n } => {
                     self.pdev_io(pdev, op, at, buf.slice(done, n), nowait)?;
                     n
                 }
-                Mapping::Zero => {
-                    match (op, buf.slice(done, want)) {
+                Piece::Zero(n) => {
+                    match (op, buf.slice(done, n)) {
                         (Op::Read, b) => b.zero(),
                         // Swallowed, but a piped payload is still taken off the pipe.
                         (_, IoBuf::Pipe(fd, n)) => discard_from_pipe(fd, n)?,
                         _ => {}
                     }
-                    want
+                    n
                 }
-                Mapping::Fail => return Err(IoError::Failed),
+                Piece::Fail(_) => return Err(IoError::Failed),
             };
-            done += chunk;
         }
         if matches!(op, Op::Write { fua: true } | Op::WriteZeroes { fua: true }) {
             self.flush_table(&pass.table)?;
@@ -405,15 +394,8 @@ impl DataPlane {
         let mut done = 0u64;
         while done < len && out.len() <= max && *budget > 0 {
             *budget -= 1;
-            let pos = offset + done;
-            let t = pass.table.find(Sectors(pos / SECTOR)).ok_or(IoError::Range)?;
-            let within = pos - t.start.bytes();
-            let want = (len - done).min(t.len.bytes() - within);
-            let mapping = t.target.map(Sectors(within / SECTOR), Sectors((within % SECTOR + want).div_ceil(SECTOR)));
-            done += match mapping {
-                Mapping::Remap { dev: pdev, sector, max_len } => {
-                    let n = want.min(max_len.bytes() - within % SECTOR);
-                    let at = sector.bytes() + within % SECTOR;
+            done += match piece(&pass.table, offset + done, len - done)? {
+                Piece::Remap { pdev, at, len: n } => {
                     match pdev.kind {
                         PdevKind::Dm { minor } => {
                             let lower = self.device(minor).ok_or(IoError::NoDevice)?;
@@ -423,14 +405,14 @@ impl DataPlane {
                     }
                     n
                 }
-                Mapping::Zero => {
-                    push_extent(out, Extent { len: want, hole: true, zero: true });
-                    want
+                Piece::Zero(n) => {
+                    push_extent(out, Extent { len: n, hole: true, zero: true });
+                    n
                 }
                 // Reads fail there, but the blocks are not known to be unallocated or zero.
-                Mapping::Fail => {
-                    push_extent(out, Extent { len: want, hole: false, zero: false });
-                    want
+                Piece::Fail(n) => {
+                    push_extent(out, Extent { len: n, hole: false, zero: false });
+                    n
                 }
             };
         }
@@ -452,6 +434,31 @@ impl DataPlane {
         }
         Ok(())
     }
+}
+
+/// Where the bytes of a device from one position on go, as far as one target maps them
+/// contiguously: `len` bytes at `at` of `pdev`, or (the zero and error targets) nowhere.
+enum Piece<'t> {
+    Remap { pdev: &'t Pdev, at: u64, len: u64 },
+    Zero(u64),
+    Fail(u64),
+}
+
+/// The piece of `table` at byte `pos`, at most `left` bytes long.
+fn piece(table: &Table, pos: u64, left: u64) -> IoResult<Piece<'_>> {
+    let t = table.find(Sectors(pos / SECTOR)).ok_or(IoError::Range)?;
+    let within = pos - t.start.bytes();
+    let want = left.min(t.len.bytes() - within);
+    // Targets map in whole sectors; a request that starts mid-sector keeps its offset.
+    Ok(match t.target.map(Sectors(within / SECTOR), Sectors((within % SECTOR + want).div_ceil(SECTOR))) {
+        Mapping::Remap { dev, sector, max_len } => Piece::Remap {
+            pdev: dev,
+            at: sector.bytes() + within % SECTOR,
+            len: want.min(max_len.bytes() - within % SECTOR),
+        },
+        Mapping::Zero => Piece::Zero(want),
+        Mapping::Fail => Piece::Fail(want),
+    })
 }
 
 /// An open underlying file, and whether it lives in memory (tmpfs, ramfs: reads never wait
@@ -646,7 +653,7 @@ pub fn read_pipe(pipe: RawFd, b: &mut [u8]) -> std::io::Result<()> {
 }
 
 /// Takes `n` bytes off a pipe and drops them.
-fn discard_from_pipe(pipe: RawFd, mut n: u64) -> IoResult {
+pub fn discard_from_pipe(pipe: RawFd, mut n: u64) -> IoResult {
     let mut buf = [0u8; 16 << 10];
     while n > 0 {
         let k = (n as usize).min(buf.len());

@@ -554,10 +554,8 @@ impl Spin {
     fn before(&mut self, sock: &File) {
         let start = std::time::Instant::now();
         if self.hot {
-            let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             loop {
-                // SAFETY: one valid pollfd; a zero timeout never sleeps.
-                if unsafe { libc::poll(&mut pfd, 1, 0) } != 0 {
+                if ready(sock.as_raw_fd(), libc::POLLIN, 0) {
                     return;
                 }
                 if start.elapsed() > Self::LIMIT {
@@ -725,8 +723,7 @@ impl Pipe {
         let mut n: libc::c_int = 0;
         // SAFETY: a valid fd and an int out-parameter.
         if unsafe { libc::ioctl(self.rd.as_raw_fd(), libc::FIONREAD, &mut n) } == 0 && n > 0 {
-            let mut buf = vec![0u8; n as usize];
-            crate::io::read_pipe(self.rd.as_raw_fd(), &mut buf)?;
+            crate::io::discard_from_pipe(self.rd.as_raw_fd(), n as u64).map_err(|e| io::Error::other(e.to_string()))?;
         }
         Ok(())
     }
@@ -748,11 +745,12 @@ fn write_fd(fd: std::os::fd::RawFd, mut b: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether `fd` is ready for `events` within `timeout` ms (-1: wait for it).
+/// Whether `fd` is ready for `events` (or has hung up or failed: the next call on it tells)
+/// within `timeout` ms (-1: wait for it; a signal also ends the wait).
 fn ready(fd: std::os::fd::RawFd, events: libc::c_short, timeout: libc::c_int) -> bool {
     let mut pfd = libc::pollfd { fd, events, revents: 0 };
     // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, timeout) > 0 && pfd.revents & events != 0 }
+    unsafe { libc::poll(&mut pfd, 1, timeout) != 0 }
 }
 
 fn sock_of<'a>(r: &BufReader<&'a File>) -> &'a File {
@@ -902,10 +900,18 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
             // into a pipe and from there into the files with `splice`. With more in flight the
             // copy into a buffer overlaps with the workers' writes and measured as fast or faster
             // (docs/PERFORMANCE.md, "Data plane").
-            let alone = req.flags & CMD_FLAG_FUA == 0 && c.inline > 0 && lock(&c.queue).inflight == 1;
-            let pipe = (alone && c.splice && len >= SPLICE_MIN && r.buffer().len() < len && c.max_workers > 0)
-                .then(|| c.take_pipe())
-                .flatten();
+            // (A request the checks refuse takes the buffer path, where it is refused.) Cheap
+            // tests first: small writes never take the queue's lock here.
+            let pipe = (c.splice
+                && len >= SPLICE_MIN
+                && r.buffer().len() < len
+                && req.flags & CMD_FLAG_FUA == 0
+                && c.inline > 0
+                && c.max_workers > 0
+                && lock(&c.queue).inflight == 1
+                && c.check(&req).is_ok())
+            .then(|| c.take_pipe())
+            .flatten();
             let received = match pipe {
                 Some(p) if len <= p.cap => p.receive(c, r, len),
                 other => {
@@ -923,13 +929,6 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
                 Ok(Payload::Buf(d)) => data = d,
                 Ok(Payload::Piped(p)) => {
                     let more = r.buffer().len() >= REQUEST_LEN;
-                    if let Err((err, msg)) = c.check(&req) {
-                        tracing::debug!("nbd: refusing {req:?}: {} ({msg})", errno_name(err));
-                        reply(c, s, c.error_reply(&req, err, msg), !more);
-                        c.put_pipe(p);
-                        c.done(&req);
-                        continue;
-                    }
                     // Right here, unless the device is suspended: then a worker waits for the
                     // resume with it.
                     match c.export.handle.write_from_pipe(req.offset, p.fd(), req.len as u64, false, true) {
