@@ -1,22 +1,23 @@
-//! dmemu: the device-mapper driver, in userspace.
+//! dmemu: the device-mapper driver, in userspace. The `dmemu` binary (`src/main.rs`, subcommands
+//! in `src/cli/`) and the benchmarks (`benches/`) are built on this library.
 //!
-//! * [`dm`] — the engine: devices, pdevs, tables, targets; synchronous and free of IO on the wire.
-//! * [`targets`] — one file per target type.
-//! * [`ioctl`] — wire codecs: bytes in, typed [`dm::Command`]s out, typed [`dm::Reply`]s back to bytes.
-//! * [`server`] — the control socket, the sysfs tree, the daemon loop.
-//! * [`io`] — the data plane; [`nbd`] — the NBD server in front of it.
-//! * [`switch_cli`] — `dmemu switch upload`: a switch device's page table, by upload or messages.
-//! * [`fuse`] — `/dev/mapper` files for unmodified tools (`serve --fuse-dir`).
+//! * [`dm`] — the engine: devices, pdevs, tables, targets; synchronous and free of IO.
+//! * [`targets`] — one file per target type, and the registry.
+//! * [`ioctl`] — the wire codecs: Linux `struct dm_ioctl` buffers and NetBSD proplib dictionaries in,
+//!   typed [`dm::Command`]s out, typed [`dm::Reply`]s back to bytes; the dm-switch netlink upload.
+//! * [`server`] — the daemon: the control socket (framing from the `dmemu-frame` crate), event
+//!   delivery, the sysfs tree, the filesystem resolver.
+//! * [`io`] — the data plane: IO through live tables to files, block devices and stacked devices.
+//! * [`nbd`] — the NBD server in front of the data plane, one export per active device.
+//! * [`fuse`] — the FUSE directory of device files behind `/dev/mapper/<name>` (`serve --fuse-dir`).
+//! * [`client`] — clients of the control socket: raw ioctls, HELLO and starting a daemon, the
+//!   dm-switch page-table upload.
 
-pub mod bench;
-pub mod bench_switch;
 pub mod client;
 pub mod dm;
 pub mod fuse;
 pub mod io;
 pub mod ioctl;
 pub mod nbd;
-pub mod nbsd;
 pub mod server;
-pub mod switch_cli;
 pub mod targets;

@@ -23,7 +23,7 @@ use dmemu::ioctl::layout::{
     DM_TARGET_SPEC_ALIGN, DM_TARGET_SPEC_SIZE, DM_UUID_LEN, DM_VERSION, DM_VERSION_BYTES, DM_VERSION_MAJOR,
     DM_VERSION_MINOR,
 };
-use dmemu::server::frame::{self, FrameHeader, Kind, HEADER_LEN, MAGIC, MAX_IOCTL_PAYLOAD};
+use dmemu_frame::{self as frame, FrameHeader, Kind, HEADER_LEN, MAGIC, MAX_IOCTL_PAYLOAD};
 use libc::{EBUSY, EFAULT, EINTR, EINVAL, ENOTTY, ENXIO, EOVERFLOW};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -1115,7 +1115,7 @@ fn bad_payload_strings_are_einval() {
 // ------------------------------------------------------------------------------------------------
 
 fn raw_header(magic: u32, kind: u16, flags: u16, len: u32) -> Vec<u8> {
-    FrameHeader { magic, kind, flags, len, aux: 0 }.as_bytes().to_vec()
+    FrameHeader { magic, kind, flags, len, aux: 0 }.encode().to_vec()
 }
 
 /// A well-formed IOCTL frame.
@@ -1235,10 +1235,10 @@ fn frame_with_bad_magic_closes_only_that_connection() {
         // The good request is answered first.
         let mut h = [0u8; HEADER_LEN];
         s.read_exact(&mut h).unwrap();
-        let fh = FrameHeader::read_from_bytes(&h).unwrap();
+        let fh = FrameHeader::decode(&h);
         assert_eq!(fh.kind, Kind::IoctlReply as u16);
         let payload = frame::read_payload(s, fh.len).unwrap();
-        assert_eq!(payload, frame::ioctl_reply(0, 0, &version_bytes()));
+        assert_eq!(payload, frame::status_reply(0, 0, &version_bytes()));
     });
 }
 
@@ -1430,13 +1430,13 @@ fn dev_wait_cancel_answers_eintr() {
     w.stream().set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     loop {
         w.stream().read_exact(&mut h).expect("a reply to the cancelled wait");
-        let fh = FrameHeader::read_from_bytes(&h).unwrap();
+        let fh = FrameHeader::decode(&h);
         let payload = frame::read_payload(w.stream(), fh.len).unwrap();
         if fh.kind == Kind::Event as u16 {
             continue;
         }
         assert_eq!(fh.kind, Kind::IoctlReply as u16);
-        assert_eq!(payload, frame::ioctl_reply(-1, EINTR, &version_bytes()), "cancelled DM_DEV_WAIT");
+        assert_eq!(payload, frame::status_reply(-1, EINTR, &version_bytes()), "cancelled DM_DEV_WAIT");
         break;
     }
     assert_ok(&run(&mut w, &IoctlBuf::new(DmCmd::Version)), "the cancelled connection");

@@ -13,7 +13,7 @@
 //! cannot mknod) the FUSE file alone decides.
 
 use crate::fds;
-use crate::frame;
+use crate::daemon;
 use crate::paths::BlockPath;
 use crate::stat::FakeStat;
 use crate::sys::{self, set_errno};
@@ -82,7 +82,7 @@ pub fn fake(st: &libc::stat) -> Option<FakeStat> {
     let dev = st.st_dev;
     Some(FakeStat {
         mode: libc::S_IFBLK | 0o660,
-        rdev: (frame::facts()?.major, u32::try_from(minor).ok()?),
+        rdev: (daemon::facts()?.major, u32::try_from(minor).ok()?),
         dev: (libc::major(dev), libc::minor(dev)),
         ino: st.st_ino,
         uid: 0,
@@ -195,7 +195,7 @@ pub unsafe fn access(b: &BlockPath, path: *const libc::c_char, real: impl Fn(*co
 
 /// `<run_dir>/sys/devices/virtual/block/dm-<minor>/<attr>`.
 fn sysfs_path(minor: u64, attr: &str) -> Option<CString> {
-    let mut p = frame::facts()?.run_dir.clone();
+    let mut p = daemon::facts()?.run_dir.clone();
     p.extend_from_slice(format!("/sys/devices/virtual/block/dm-{minor}/{attr}").as_bytes());
     CString::new(p).ok()
 }
@@ -300,7 +300,7 @@ pub unsafe fn ioctl(
                 let mut payload = [0u8; 8];
                 payload[..4].copy_from_slice(&(minor as u32).to_le_bytes());
                 payload[4..].copy_from_slice(&value.to_le_bytes());
-                match frame::call(frame::BLK_RO_SET, &payload, frame::BLK_RO_SET_REPLY) {
+                match daemon::call(dmemu_frame::Kind::BlkRoSet, &payload, dmemu_frame::Kind::BlkRoSetReply) {
                     0 => 0,
                     e => fail(e),
                 }

@@ -1,13 +1,14 @@
 //! The emulated `/dev/mapper/control`: one daemon connection per open, DM ioctls forwarded over it, and
 //! stat results that look like the misc character device 10:236.
 
+use crate::daemon::{self, exchange_lock, Broken, Reader};
 use crate::fds;
-use crate::frame::{self, Reader};
 use crate::netbsd;
 use crate::stat::FakeStat;
-use crate::sys::{self, set_errno};
+use crate::sys::{self, fail, set_errno};
+use dmemu_frame::{Kind, STATUS_LEN};
 use libc::{c_int, c_ulong, c_void};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 
 const CONTROL_MAJOR: u32 = 10;
 const CONTROL_MINOR: u32 = 236;
@@ -21,7 +22,7 @@ const MIN_SEND: u32 = 16;
 /// Opens a control "node": a new daemon connection, marked as control. Returns the fd or -1/errno
 /// (ENODEV when no daemon answers). O_CLOEXEC is honoured only if asked for (libdm does not ask).
 pub fn open(flags: c_int) -> c_int {
-    let fd = match frame::connect(flags & libc::O_CLOEXEC != 0) {
+    let fd = match daemon::connect(flags & libc::O_CLOEXEC != 0) {
         Ok(fd) => fd,
         Err(e) => {
             set_errno(e);
@@ -39,15 +40,6 @@ pub fn open(flags: c_int) -> c_int {
             -1
         }
     }
-}
-
-/// Serialises exchanges on one connection (threads sharing libdm's cached control fd): frames of two
-/// requests must not interleave. Striped by socket inode so dup'ed fds share a lock.
-static LOCKS: [Mutex<()>; 32] = [const { Mutex::new(()) }; 32];
-
-/// Holds the exchange lock of the connection whose socket has inode `ino`.
-pub fn exchange_lock(ino: u64) -> MutexGuard<'static, ()> {
-    LOCKS[(ino % LOCKS.len() as u64) as usize].lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `ioctl(fd, request, arg)` on a control fd whose socket has inode `ino`.
@@ -79,16 +71,16 @@ pub unsafe fn ioctl(fd: c_int, ino: u64, request: c_ulong, arg: *mut c_void) -> 
     let cap = data_size.max(MIN_SEND);
 
     let _guard = exchange_lock(ino);
-    if frame::drain_events(fd).is_err() {
+    if daemon::drain_events(fd).is_err() {
         return fail(libc::EIO);
     }
     let mut head = [0u8; 24];
-    head[..16].copy_from_slice(&frame::header(frame::IOCTL, 8 + send_len));
+    head[..16].copy_from_slice(&daemon::header(Kind::Ioctl, 8 + send_len));
     #[allow(clippy::useless_conversion)] // c_ulong is u32 on 32-bit targets
     head[16..].copy_from_slice(&u64::from(request).to_le_bytes());
     // SAFETY: the caller's buffer holds at least `send_len` bytes (its own data_size, or the header).
     let body = unsafe { std::slice::from_raw_parts(buf, send_len as usize) };
-    if frame::send_all(fd, &[&head, body]).is_err() {
+    if daemon::send_all(fd, &[&head, body]).is_err() {
         return fail(libc::EIO);
     }
 
@@ -96,7 +88,7 @@ pub unsafe fn ioctl(fd: c_int, ino: u64, request: c_ulong, arg: *mut c_void) -> 
     // SAFETY: `buf` is writable for `cap` bytes (see above).
     let reply = unsafe { read_reply(&mut rd, buf, cap) };
     match reply {
-        Err(frame::Broken) => fail(libc::EIO),
+        Err(Broken) => fail(libc::EIO),
         // Interrupted and the daemon gave up the request: EINTR, as an interrupted DM_DEV_WAIT gives.
         // (Had the request completed before our CANCEL landed, its real result stands.)
         Ok((ret, _)) if rd.cancelled && ret < 0 => fail(libc::EINTR),
@@ -105,33 +97,23 @@ pub unsafe fn ioctl(fd: c_int, ino: u64, request: c_ulong, arg: *mut c_void) -> 
     }
 }
 
-pub fn fail(e: c_int) -> c_int {
-    set_errno(e);
-    -1
-}
-
 /// Reads frames up to the `IOCTL_REPLY`, copies at most `cap` of its bytes to `buf`, and returns
 /// (return value, errno). The daemon sends just `version` on failure, so "version is always written
 /// back, the rest only on success" (interposition.md §1.4) follows.
 ///
 /// # Safety
 /// `buf` must be writable for `cap` bytes.
-unsafe fn read_reply(rd: &mut Reader, buf: *mut u8, cap: u32) -> Result<(i32, i32), frame::Broken> {
-    let (kind, len) = rd.next_frame()?;
-    if kind != frame::IOCTL_REPLY || len < 8 {
-        return Err(frame::Broken);
-    }
-    let mut status = [0u8; 8];
-    // SAFETY: local buffers, and `buf` for at most `cap` bytes.
-    unsafe {
-        rd.read(status.as_mut_ptr(), 8)?;
-        let copy = (len - 8).min(cap);
-        rd.read(buf, copy as usize)?;
-        rd.skip(u64::from(len - 8 - copy))?;
-    }
-    let ret = i32::from_le_bytes([status[0], status[1], status[2], status[3]]);
-    let errno = i32::from_le_bytes([status[4], status[5], status[6], status[7]]);
-    Ok((ret, errno))
+unsafe fn read_reply(rd: &mut Reader, buf: *mut u8, cap: u32) -> Result<(i32, i32), Broken> {
+    let h = rd.next_frame()?;
+    let Some(data_len) = h.len.checked_sub(STATUS_LEN as u32).filter(|_| h.kind == Kind::IoctlReply as u16) else {
+        return Err(Broken);
+    };
+    let st = rd.status()?;
+    let copy = data_len.min(cap);
+    // SAFETY: `buf` is writable for at least `copy` ≤ `cap` bytes.
+    unsafe { rd.read(buf, copy as usize)? };
+    rd.skip(u64::from(data_len - copy))?;
+    Ok((st.ret, st.errno))
 }
 
 /// A fixed, plausible timestamp for the fake node (first time it was asked for).

@@ -17,8 +17,8 @@
 
 mod blockdev;
 mod control;
+mod daemon;
 mod fds;
-mod frame;
 mod hooks;
 mod netbsd;
 mod paths;

@@ -7,8 +7,9 @@
 //! `pref_len` counting the NUL, which libprop frees with `munmap(pref_plist, pref_len)`. On failure
 //! the caller's plistref is left alone (libprop reads nothing back then).
 
-use crate::control::{exchange_lock, fail};
-use crate::frame::{self, Reader};
+use crate::daemon::{self, exchange_lock, Broken, Reader};
+use crate::sys::fail;
+use dmemu_frame::{Kind, STATUS_LEN};
 use libc::{c_int, c_ulong, c_void};
 
 /// `struct plistref`.
@@ -44,16 +45,16 @@ pub unsafe fn ioctl(fd: c_int, ino: u64, arg: *mut c_void) -> c_int {
     };
 
     let _guard = exchange_lock(ino);
-    if frame::drain_events(fd).is_err() {
+    if daemon::drain_events(fd).is_err() {
         return fail(libc::EIO);
     }
-    if frame::send_all(fd, &[&frame::header(frame::PLIST, send as u32), body]).is_err() {
+    if daemon::send_all(fd, &[&daemon::header(Kind::Plist, send as u32), body]).is_err() {
         return fail(libc::EIO);
     }
     // Proplib requests never block in the daemon: an interrupted read is simply retried.
     let mut rd = Reader { fd, cancel_on_signal: false, cancelled: false };
     match read_reply(&mut rd) {
-        Err(frame::Broken) => fail(libc::EIO),
+        Err(Broken) => fail(libc::EIO),
         Ok(Reply::Failed(errno)) => fail(if errno > 0 { errno } else { libc::EIO }),
         Ok(Reply::Mapped(ptr, n)) => {
             // SAFETY: caller's contract; the kernel overwrites both fields on success.
@@ -72,21 +73,17 @@ enum Reply {
     Mapped(*mut c_void, usize),
 }
 
-fn read_reply(rd: &mut Reader) -> Result<Reply, frame::Broken> {
-    let (kind, len) = rd.next_frame()?;
-    if kind != frame::PLIST_REPLY || len < 8 {
-        return Err(frame::Broken);
-    }
-    let mut status = [0u8; 8];
-    // SAFETY: a local buffer of 8 bytes.
-    unsafe { rd.read(status.as_mut_ptr(), 8)? };
-    let ret = i32::from_le_bytes([status[0], status[1], status[2], status[3]]);
-    let errno = i32::from_le_bytes([status[4], status[5], status[6], status[7]]);
-    let n = (len - 8) as usize;
-    if ret < 0 || n == 0 {
+fn read_reply(rd: &mut Reader) -> Result<Reply, Broken> {
+    let h = rd.next_frame()?;
+    let Some(n) = h.len.checked_sub(STATUS_LEN as u32).filter(|_| h.kind == Kind::PlistReply as u16) else {
+        return Err(Broken);
+    };
+    let st = rd.status()?;
+    let n = n as usize;
+    if st.ret < 0 || n == 0 {
         // The daemon's diagnostic copy of a failed request's dictionary is not for the caller.
         rd.skip(n as u64)?;
-        return Ok(Reply::Failed(if ret < 0 { errno } else { libc::EIO }));
+        return Ok(Reply::Failed(if st.ret < 0 { st.errno } else { libc::EIO }));
     }
     // SAFETY: a private anonymous mapping; no preconditions.
     let map = unsafe {

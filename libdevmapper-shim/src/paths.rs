@@ -1,7 +1,7 @@
 //! Which paths are ours (interposition.md §1.4). The common case — any other path — costs a strlen and
 //! a few byte comparisons; the daemon is asked for its facts only when a DM sysfs path shows up.
 
-use crate::frame;
+use crate::daemon;
 use libc::c_char;
 use std::ffi::{CStr, CString};
 
@@ -57,7 +57,7 @@ fn block(b: &[u8]) -> Option<BlockPath> {
         if n.is_empty() || n.len() > 7 || !n.iter().all(u8::is_ascii_digit) {
             return None;
         }
-        let f = frame::facts()?;
+        let f = daemon::facts()?;
         let fuse_dir = f.fuse_dir.as_ref()?;
         let name = dm_name(&f.run_dir, n)?;
         return Some(BlockPath { fuse: join(fuse_dir, &name)?, managed: false });
@@ -74,7 +74,7 @@ fn block(b: &[u8]) -> Option<BlockPath> {
     if !is_dev && !is_dm_dev_dir {
         return None;
     }
-    let f = frame::facts()?;
+    let f = daemon::facts()?;
     let fuse_dir = f.fuse_dir.as_ref()?;
     // libdm makes nodes in $DM_DEV_DIR/mapper (/dev/mapper without it), but only root can.
     // SAFETY: geteuid cannot fail.
@@ -141,12 +141,12 @@ fn sysfs(b: &[u8]) -> Target {
             return Target::Pass;
         }
         let major: u64 = std::str::from_utf8(&rest[..digits]).ok().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX);
-        match frame::facts() {
+        match daemon::facts() {
             Some(f) if u64::from(f.major) == major => Some(f),
             _ => None,
         }
     } else if DM_SYSFS.iter().any(|p| b.starts_with(p)) {
-        frame::facts()
+        daemon::facts()
     } else {
         None
     };

@@ -1,13 +1,13 @@
 //! `/proc/devices` with a `device-mapper` line (interposition.md §1.1 item 5: without one libdm fails
 //! every command with "No entry for device-mapper found").
 
-use crate::{frame, sys};
+use crate::{daemon, sys};
 use libc::c_int;
 
 /// A memfd holding the real /proc/devices plus the DM line, positioned at 0; None (errno untouched)
 /// if the daemon cannot be reached or anything else fails — the caller then passes the open through.
 pub fn open(cloexec: bool) -> Option<c_int> {
-    let major = frame::facts()?.major;
+    let major = daemon::facts()?.major;
     sys::keep_errno(|| {
         let text = with_dm_line(&read_real()?, major);
         let flags = if cloexec { libc::MFD_CLOEXEC } else { 0 };

@@ -66,6 +66,12 @@ pub fn set_errno(e: c_int) {
 
 /// Runs `f` and puts errno back as it was, so a hook that looked at a path and then decided to pass
 /// the call through leaves no trace in errno (interposition.md §1.4 "pass through").
+/// Sets errno and returns -1, as a failing libc call does.
+pub fn fail(e: c_int) -> c_int {
+    set_errno(e);
+    -1
+}
+
 pub fn keep_errno<R>(f: impl FnOnce() -> R) -> R {
     let saved = errno();
     let r = f();

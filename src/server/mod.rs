@@ -1,7 +1,6 @@
 //! The daemon: the control socket (one connection = one open of `/dev/mapper/control`), the
 //! engine behind one lock, event delivery, and the sysfs tree.
 
-pub mod frame;
 mod plist;
 pub mod resolver;
 pub mod sysfs;
@@ -18,7 +17,7 @@ use crate::dm::{Command, DevKey, DevNum, DmError, Engine, EngineConfig, Reply, R
 use crate::io::DataPlane;
 use crate::ioctl::linux;
 pub use crate::ioctl::netbsd::NetbsdErrors;
-use frame::{Kind, HEADER_LEN};
+use dmemu_frame::{self as frame, hello, Kind, HEADER_LEN};
 
 /// Daemon settings.
 #[derive(Clone, Debug)]
@@ -129,16 +128,19 @@ fn readable(s: &UnixStream) -> bool {
 impl Daemon {
     pub fn new(cfg: &ServeConfig, engine: Engine) -> io::Result<Arc<Self>> {
         let sysfs = sysfs::Sysfs::new(&cfg.run_dir, cfg.engine.major)?;
-        let mut hello = format!(
-            "major={}\nfile_major={}\nrun_dir={}\nversion={}\n",
-            cfg.engine.major,
-            cfg.engine.file_major,
-            cfg.run_dir.display(),
-            env!("CARGO_PKG_VERSION")
-        );
-        if let Some(d) = &cfg.fuse_dir {
-            hello.push_str(&format!("fuse_dir={}\n", d.display()));
+        let (major, file_major) = (cfg.engine.major.to_string(), cfg.engine.file_major.to_string());
+        let run_dir = cfg.run_dir.display().to_string();
+        let fuse_dir = cfg.fuse_dir.as_ref().map(|d| d.display().to_string());
+        let mut facts = vec![
+            (hello::MAJOR, major.as_str()),
+            (hello::FILE_MAJOR, file_major.as_str()),
+            (hello::RUN_DIR, run_dir.as_str()),
+            (hello::VERSION, env!("CARGO_PKG_VERSION")),
+        ];
+        if let Some(d) = &fuse_dir {
+            facts.push((hello::FUSE_DIR, d));
         }
+        let hello = hello::encode(&facts);
         Ok(Arc::new_cyclic(|me: &std::sync::Weak<Daemon>| {
             let me = me.clone();
             // Front ends opening a device count as openers of its block device.
@@ -229,12 +231,12 @@ impl Daemon {
                 return Ok(());
             };
             let (kind, h) =
-                frame::parse_request_header(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                frame::parse_request_header(&raw)?;
             if kind == Kind::Plist && h.len as usize >= crate::ioctl::netbsd::proplib::COPYIN_LIMIT {
                 // proplib refuses before copying in: E2BIG, without holding the plist in memory.
                 io::copy(&mut (&mut *stream).take(h.len as u64), &mut io::sink())?;
                 tracing::info!("plist of {} bytes refused: beyond proplib's copy-in limit", h.len);
-                self.reply(conn, Kind::PlistReply, &frame::ioctl_reply(-1, libc::E2BIG, &[]))?;
+                self.reply(conn, Kind::PlistReply, &frame::status_reply(-1, libc::E2BIG, &[]))?;
                 continue;
             }
             let payload = frame::read_payload(stream, h.len)
@@ -252,7 +254,7 @@ impl Daemon {
                     let Some(enc) = self.ioctl(stream, conn, u64::from_le_bytes(*req), buf, privileged)? else {
                         return Ok(());
                     };
-                    self.reply(conn, Kind::IoctlReply, &frame::ioctl_reply(enc.ret, enc.errno, &enc.bytes))?;
+                    self.reply(conn, Kind::IoctlReply, &frame::status_reply(enc.ret, enc.errno, &enc.bytes))?;
                 }
                 Kind::Plist => self.plist(conn, &payload, privileged)?,
                 Kind::Genl => {
@@ -266,7 +268,7 @@ impl Daemon {
                 Kind::BlkRoSet => {
                     let errno = self.blk_ro_set(&payload, privileged);
                     let ret = if errno == 0 { 0 } else { -1 };
-                    self.send(conn, Kind::BlkRoSetReply, &[&frame::ioctl_reply(ret, errno, &[])])?;
+                    self.send(conn, Kind::BlkRoSetReply, &[&frame::status_reply(ret, errno, &[])])?;
                 }
                 _ => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected frame kind {kind:?}"))),
             }

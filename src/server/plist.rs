@@ -5,7 +5,7 @@
 
 use std::io;
 
-use super::frame::{self, Kind};
+use dmemu_frame::{self as frame, Kind};
 use super::{Conn, Daemon, State};
 use crate::dm::{DevNum, Engine, Reply};
 use crate::ioctl::netbsd::{self, Devices, Found};
@@ -36,7 +36,7 @@ impl Daemon {
         if after != before {
             self.broadcast_events(after);
         }
-        self.reply(conn, Kind::PlistReply, &frame::ioctl_reply(reply.ret, reply.errno, &reply.xml))
+        self.reply(conn, Kind::PlistReply, &frame::status_reply(reply.ret, reply.errno, &reply.xml))
     }
 
     /// One request through the proplib codec and the engine.

@@ -5,7 +5,7 @@
 
 pub mod fuse;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -123,31 +123,16 @@ impl Daemon {
 
     /// The daemon's facts (major etc.) from a HELLO frame.
     pub fn hello(&self, key: &str) -> String {
-        let mut s = UnixStream::connect(&self.socket).unwrap();
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&0x5545_4d44u32.to_le_bytes());
-        h[4..6].copy_from_slice(&3u16.to_le_bytes());
-        s.write_all(&h).unwrap();
-        s.read_exact(&mut h).unwrap();
-        let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
-        let mut body = vec![0u8; len];
-        s.read_exact(&mut body).unwrap();
-        let body = String::from_utf8(body).unwrap();
-        body.lines().find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_owned)).unwrap()
+        self.hello_reply().field(key).unwrap().to_owned()
     }
 
     /// The whole HELLO reply text.
     pub fn hello_text(&self) -> String {
-        let mut s = UnixStream::connect(&self.socket).unwrap();
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&0x5545_4d44u32.to_le_bytes());
-        h[4..6].copy_from_slice(&3u16.to_le_bytes());
-        s.write_all(&h).unwrap();
-        s.read_exact(&mut h).unwrap();
-        let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
-        let mut body = vec![0u8; len];
-        s.read_exact(&mut body).unwrap();
-        String::from_utf8(body).unwrap()
+        self.hello_reply().text
+    }
+
+    fn hello_reply(&self) -> dmemu::client::daemon::Hello {
+        dmemu::client::daemon::hello(&self.socket).expect("the daemon answers HELLO")
     }
 
     pub fn major(&self) -> u32 {

@@ -1,4 +1,4 @@
-//! Switch-target benchmarks (`dmemu bench-switch`). Results and the exact command:
+//! Switch-target benchmarks: `cargo bench --bench switch`. Results and the exact command:
 //! docs/PERFORMANCE.md, "switch".
 //!
 //! One run measures, on the same routing (N regions over P paths, a pseudo-random path per
@@ -12,25 +12,27 @@
 //!   [`Target::map`] in the daemon's address space);
 //! * lookups per second while another core uploads whole tables as fast as it can.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::client::{Client, IoctlBuf};
-use crate::dm::pdev::{Pdev, PdevKind};
-use crate::dm::target::Target;
-use crate::dm::{DevNum, Sectors};
-use crate::ioctl::dm_switch::{self, IpcPgTable, MAX_ENTRY_BYTES};
-use crate::ioctl::layout::{DmCmd, DmFlags};
-use crate::switch_cli::{upload_genl, upload_messages};
-use crate::targets::switch::Switch;
+use clap::Parser;
+use common::{pin_to_cpu, spawn_daemon, work_dir, Result};
+use dmemu::client::switch::{upload_genl, upload_messages, GenlUpload};
+use dmemu::client::{Client, IoctlBuf};
+use dmemu::dm::pdev::{Pdev, PdevKind};
+use dmemu::dm::target::Target;
+use dmemu::dm::{DevNum, Sectors};
+use dmemu::ioctl::dm_switch::{self, IpcPgTable, MAX_ENTRY_BYTES};
+use dmemu::ioctl::layout::{DmCmd, DmFlags};
+use dmemu::targets::switch::Switch;
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-#[derive(clap::Args, Debug)]
-pub struct BenchSwitchArgs {
+#[derive(Parser, Debug)]
+#[command(about = "dmemu's switch-target benchmarks (docs/PERFORMANCE.md, \"switch\")")]
+struct BenchSwitchArgs {
     /// Regions in the table.
     #[arg(long, default_value_t = 1_048_576)]
     pub regions: u32,
@@ -52,67 +54,9 @@ pub struct BenchSwitchArgs {
     /// Skip the N-line linear table comparison.
     #[arg(long)]
     pub no_linear: bool,
-}
-
-/// A child process that dies with the bench.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn daemon(socket: &Path) -> Result<Proc> {
-    let p = Proc(
-        Command::new(std::env::current_exe()?)
-            .args(["serve", "--log", "warn", "--socket"])
-            .arg(socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        if Instant::now() > deadline {
-            return Err(format!("daemon at {} did not start", socket.display()).into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(p)
-}
-
-fn vm_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
-            })
-        })
-        .unwrap_or(0)
-}
-
-/// Settles and reads a daemon's resident memory.
-fn rss(p: &Proc) -> u64 {
-    std::thread::sleep(Duration::from_millis(300));
-    vm_rss_kib(p.0.id()) * 1024
-}
-
-fn check(r: &crate::client::IoctlResult, what: &str) -> Result {
-    if r.ret < 0 {
-        return Err(format!("{what} failed: {}", std::io::Error::from_raw_os_error(r.errno)).into());
-    }
-    Ok(())
-}
-
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set, applied to the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 /// The routing every figure uses: a fixed pseudo-random path per region.
@@ -164,43 +108,39 @@ fn socketed(a: &BenchSwitchArgs, dir: &Path, entries: &[u32]) -> Result<Socketed
         })
         .collect::<std::io::Result<_>>()?;
     let sock = dir.join("switch.sock");
-    let d = daemon(&sock)?;
+    let d = spawn_daemon(&sock, false)?;
     let mut c = Client::connect(&sock)?;
     let rfc_params: String = std::iter::once(format!("{} {}", a.paths, a.region_size))
         .chain(files.iter().map(|f| format!("{f} 0")))
         .collect::<Vec<_>>()
         .join(" ");
-    let before = rss(&d);
+    let before = d.rss();
     let t = Instant::now();
-    check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name("rfc"))?, "create")?;
-    check(
-        &c.run(&IoctlBuf::new(DmCmd::TableLoad).name("rfc").table([(0, len, "switch", rfc_params.as_str())]))?,
-        "load",
-    )?;
-    check(&c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("rfc"))?, "resume")?;
+    c.run(&IoctlBuf::new(DmCmd::DevCreate).name("rfc"))?.check("create")?;
+    c.run(&IoctlBuf::new(DmCmd::TableLoad).name("rfc").table([(0, len, "switch", rfc_params.as_str())]))?
+        .check("load")?;
+    c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("rfc"))?.check("resume")?;
     let switch_create = t.elapsed();
     let dev = DevNum::huge_decode(c.run(&IoctlBuf::new(DmCmd::DevStatus).name("rfc"))?.header().dev);
+    let to = GenlUpload { dev, dev_count: a.paths as u16, page_size: a.region_size, bits, userland: [0, 0] };
     let mut genl = Vec::new();
     let mut stats = Default::default();
     for _ in 0..a.repeat.max(1) {
-        stats = upload_genl(&mut c, dev, a.paths as u16, a.region_size, bits, [0, 0], entries, |_, _| {})?;
+        stats = upload_genl(&mut c, &to, entries, |_, _| {})?;
         genl.push(stats.elapsed);
     }
     // The daemon's growth for the whole device with its table, after the uploads' transient copies.
-    let switch_rss = rss(&d).saturating_sub(before);
-    let st = c.run(&IoctlBuf::new(DmCmd::TableStatus).name("rfc"))?;
-    check(&st, "status")?;
+    let switch_rss = d.rss().saturating_sub(before);
+    c.run(&IoctlBuf::new(DmCmd::TableStatus).name("rfc"))?.check("status")?;
 
     let up_params: String = std::iter::once(format!("{} {} 0", a.paths, a.region_size))
         .chain(files.iter().map(|f| format!("{f} 0")))
         .collect::<Vec<_>>()
         .join(" ");
-    check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name("up"))?, "create")?;
-    check(
-        &c.run(&IoctlBuf::new(DmCmd::TableLoad).name("up").table([(0, len, "switch", up_params.as_str())]))?,
-        "load",
-    )?;
-    check(&c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("up"))?, "resume")?;
+    c.run(&IoctlBuf::new(DmCmd::DevCreate).name("up"))?.check("create")?;
+    c.run(&IoctlBuf::new(DmCmd::TableLoad).name("up").table([(0, len, "switch", up_params.as_str())]))?
+        .check("load")?;
+    c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("up"))?.check("resume")?;
     let mut messages = Vec::new();
     let mut mstats = Default::default();
     for _ in 0..a.repeat.max(1) {
@@ -234,7 +174,7 @@ fn linear_table(
     entries: &[u32],
 ) -> Result<(Duration, Duration, u64)> {
     let sock = dir.join("linear.sock");
-    let d = daemon(&sock)?;
+    let d = spawn_daemon(&sock, false)?;
     let mut c = Client::connect(&sock)?;
     let rs = a.region_size as u64;
     let params: Vec<String> =
@@ -244,15 +184,15 @@ fn linear_table(
         .table(params.iter().enumerate().map(|(i, p)| (i as u64 * rs, rs, "linear", p.as_str())))
         .bytes();
     drop(params);
-    check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name("lin"))?, "create")?;
-    let before = rss(&d);
+    c.run(&IoctlBuf::new(DmCmd::DevCreate).name("lin"))?.check("create")?;
+    let before = d.rss();
     let t = Instant::now();
-    check(&c.ioctl(DmCmd::TableLoad.request(), &bytes)?, "load")?;
+    c.ioctl(DmCmd::TableLoad.request(), &bytes)?.check("load")?;
     let load = t.elapsed();
     let t = Instant::now();
-    check(&c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("lin"))?, "resume")?;
+    c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("lin"))?.check("resume")?;
     let resume = t.elapsed();
-    let after = rss(&d);
+    let after = d.rss();
     let st = c.run(&IoctlBuf::new(DmCmd::DevStatus).name("lin"))?;
     if st.header().target_count != entries.len() as u32 || !st.header().flags().contains(DmFlags::ACTIVE_PRESENT) {
         return Err("linear table not live after resume".into());
@@ -358,7 +298,7 @@ fn maps(sw: &Switch, n: u64, len: u64) -> f64 {
     let mut acc = 0u64;
     let t = Instant::now();
     for _ in 0..n {
-        if let crate::dm::target::Mapping::Remap { sector, .. } = sw.map(Sectors(next(&mut x, len)), Sectors(8)) {
+        if let dmemu::dm::target::Mapping::Remap { sector, .. } = sw.map(Sectors(next(&mut x, len)), Sectors(8)) {
             acc = acc.wrapping_add(sector.0);
         }
     }
@@ -402,7 +342,7 @@ fn in_process(a: &BenchSwitchArgs, entries: &[u32]) -> InProcess {
         chunks.apply(&sw);
         ups.push(t.elapsed());
     }
-    pin(0);
+    pin_to_cpu(0);
     let (batched, _) = lookups_batched(&sw, a.lookups, len, 1024);
     let batched_seq = {
         let t = Instant::now();
@@ -438,7 +378,7 @@ fn in_process(a: &BenchSwitchArgs, entries: &[u32]) -> InProcess {
                 let chunks = Chunks(chunks.0.clone());
                 let bytes = sw.table_bytes();
                 std::thread::spawn(move || {
-                    pin(1);
+                    pin_to_cpu(1);
                     let (src, mut dst) = (vec![1u8; bytes], vec![0u8; bytes]);
                     while !stop.load(Ordering::Relaxed) {
                         if control {
@@ -479,8 +419,9 @@ fn in_process(a: &BenchSwitchArgs, entries: &[u32]) -> InProcess {
     InProcess { batched, batched_seq, per_call_map, upload: median(ups), w }
 }
 
-pub fn run(a: BenchSwitchArgs) -> Result {
-    let dir = crate::bench::work_dir(a.dir.clone(), "bench-switch")?;
+fn main() -> Result {
+    let a = BenchSwitchArgs::parse();
+    let dir = work_dir(a.dir.clone(), "bench-switch")?;
     let n = a.regions as f64;
     println!("routing: {} regions of {} sectors over {} paths, pseudo-random", a.regions, a.region_size, a.paths);
     let entries = routing(a.regions, a.paths);

@@ -1,60 +1,38 @@
-//! Client side of the daemon's socket protocol (`docs/control-socket.md`): framing, connecting, and the
-//! process-wide `HELLO` facts.
+//! The connection to the daemon (docs/control-socket.md): connecting, sending and reading frames with
+//! raw syscalls, one exchange at a time per connection, and the process-wide `HELLO` facts. The
+//! framing itself is the `dmemu-frame` crate the daemon uses too.
 
 use crate::sys::{self, errno};
+use dmemu_frame::{self as wire, hello, FrameHeader, Kind, Status};
 use libc::{c_int, c_void};
 use std::ffi::CStr;
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
-pub const MAGIC: u32 = 0x5545_4d44;
-pub const IOCTL: u16 = 1;
-pub const PLIST: u16 = 2;
-pub const HELLO: u16 = 3;
-pub const CANCEL: u16 = 4;
-pub const BLK_RO_SET: u16 = 6;
-pub const BLK_RO_SET_REPLY: u16 = 0x86;
-pub const IOCTL_REPLY: u16 = 0x81;
-pub const PLIST_REPLY: u16 = 0x82;
-pub const HELLO_REPLY: u16 = 0x83;
-pub const EVENT: u16 = 0x90;
+/// Serialises exchanges on one connection (threads sharing libdm's cached control fd): frames of two
+/// requests must not interleave. Striped by socket inode so dup'ed fds share a lock.
+static LOCKS: [Mutex<()>; 32] = [const { Mutex::new(()) }; 32];
 
-/// A 16-byte frame header: magic, kind, flags = 0, len, aux = 0 (all little-endian).
-pub fn header(kind: u16, len: u32) -> [u8; 16] {
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    h[4..6].copy_from_slice(&kind.to_le_bytes());
-    h[8..12].copy_from_slice(&len.to_le_bytes());
-    h
+/// Holds the exchange lock of the connection whose socket has inode `ino`.
+pub fn exchange_lock(ino: u64) -> MutexGuard<'static, ()> {
+    LOCKS[(ino % LOCKS.len() as u64) as usize].lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// (kind, len) of a received header, or None if it is not a valid frame.
-pub fn parse(h: &[u8; 16]) -> Option<(u16, u32)> {
-    let word = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-    let flags = u16::from_le_bytes([h[6], h[7]]);
-    (word(0) == MAGIC && flags == 0).then(|| (u16::from_le_bytes([h[4], h[5]]), word(8)))
+/// A frame header as the daemon expects it.
+pub fn header(kind: Kind, len: u32) -> [u8; wire::HEADER_LEN] {
+    FrameHeader::new(kind, len).encode()
 }
 
 /// The daemon's socket address: `$DMEMU_SOCKET` (read now, not cached), else the daemon's defaults.
 fn socket_addr() -> Option<(libc::sockaddr_un, libc::socklen_t)> {
-    let env = |name: &CStr| {
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let path = wire::default_socket(uid, |name| {
+        let name = std::ffi::CString::new(name).ok()?;
         // SAFETY: getenv with a NUL-terminated name; the result is copied at once.
         let p = unsafe { libc::getenv(name.as_ptr()) };
         // SAFETY: getenv returns NULL or a NUL-terminated string.
-        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_bytes().to_vec()).filter(|v| !v.is_empty())
-    };
-    // SAFETY: geteuid cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    let path = match env(c"DMEMU_SOCKET") {
-        Some(p) => p,
-        None if uid == 0 => b"/run/dmemu/control.sock".to_vec(),
-        None => match env(c"XDG_RUNTIME_DIR") {
-            Some(mut d) => {
-                d.extend_from_slice(b"/dmemu/control.sock");
-                d
-            }
-            None => format!("/tmp/dmemu-{uid}/control.sock").into_bytes(),
-        },
-    };
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_bytes().to_vec())
+    });
     // SAFETY: all-zero is a valid sockaddr_un.
     let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     if path.len() >= sa.sun_path.len() || path.contains(&0) {
@@ -150,7 +128,7 @@ impl Reader {
         if self.cancel_on_signal && !self.cancelled {
             self.cancelled = true;
             // If this fails the connection is dead and the next recv reports it.
-            let _ = send_all(self.fd, &[&header(CANCEL, 0)]);
+            let _ = send_all(self.fd, &[&header(Kind::Cancel, 0)]);
         }
     }
 
@@ -197,17 +175,25 @@ impl Reader {
     }
 
     /// The next frame header that is not an `EVENT` (those are discarded wherever found).
-    pub fn next_frame(&mut self) -> Result<(u16, u32), Broken> {
+    pub fn next_frame(&mut self) -> Result<FrameHeader, Broken> {
         loop {
-            let mut h = [0u8; 16];
+            let mut h = [0u8; wire::HEADER_LEN];
             // SAFETY: h holds 16 bytes.
-            unsafe { self.read(h.as_mut_ptr(), 16)? };
-            match parse(&h) {
-                Some((EVENT, len)) => self.skip(len.into())?,
-                Some(kl) => return Ok(kl),
-                None => return Err(Broken),
+            unsafe { self.read(h.as_mut_ptr(), h.len())? };
+            match wire::parse_header(&h) {
+                Ok(h) if h.is_event() => self.skip(h.len.into())?,
+                Ok(h) => return Ok(h),
+                Err(_) => return Err(Broken),
             }
         }
+    }
+
+    /// Reads the status that starts a reply payload.
+    pub fn status(&mut self) -> Result<Status, Broken> {
+        let mut b = [0u8; wire::STATUS_LEN];
+        // SAFETY: b holds STATUS_LEN bytes.
+        unsafe { self.read(b.as_mut_ptr(), b.len())? };
+        Ok(Status::decode(&b))
     }
 }
 
@@ -221,7 +207,7 @@ pub fn drain_events(fd: c_int) -> Result<(), ()> {
         // SAFETY: h holds 16 bytes.
         let n = unsafe { libc::recv(fd, h.as_mut_ptr().cast(), 16, flags) };
         match n {
-            16 if parse(&h) == Some((EVENT, 0)) => {
+            16 if wire::parse_header(&h).is_ok_and(|h| h.is_event() && h.len == 0) => {
                 // SAFETY: consume exactly the peeked header.
                 unsafe { libc::recv(fd, h.as_mut_ptr().cast(), 16, libc::MSG_DONTWAIT) };
             }
@@ -239,24 +225,21 @@ pub fn drain_events(fd: c_int) -> Result<(), ()> {
 /// One request frame on a connection of its own, answered by a `ret`/`errno` reply of
 /// `reply_kind`: the errno to report (0 on success). ENODEV when no daemon answers, EIO when the
 /// exchange breaks.
-pub fn call(kind: u16, payload: &[u8], reply_kind: u16) -> c_int {
+pub fn call(kind: Kind, payload: &[u8], reply_kind: Kind) -> c_int {
     let fd = match connect(true) {
         Ok(fd) => fd,
         Err(e) => return e,
     };
     let r = (|| {
-        send_all(fd, &[&header(kind, payload.len() as u32), payload]).map_err(|_| libc::EIO)?;
+        let len = u32::try_from(payload.len()).map_err(|_| libc::EINVAL)?;
+        send_all(fd, &[&header(kind, len), payload]).map_err(|_| libc::EIO)?;
         let mut rd = Reader { fd, cancel_on_signal: false, cancelled: false };
-        let (k, len) = rd.next_frame().map_err(|_| libc::EIO)?;
-        if k != reply_kind || len != 8 {
+        let h = rd.next_frame().map_err(|_| libc::EIO)?;
+        if h.kind != reply_kind as u16 || h.len as usize != wire::STATUS_LEN {
             return Err(libc::EIO);
         }
-        let mut b = [0u8; 8];
-        // SAFETY: b holds 8 bytes.
-        unsafe { rd.read(b.as_mut_ptr(), 8) }.map_err(|_| libc::EIO)?;
-        let (ret, errno) =
-            (i32::from_le_bytes(b[..4].try_into().unwrap()), i32::from_le_bytes(b[4..].try_into().unwrap()));
-        Ok(if ret < 0 { errno.max(1) } else { 0 })
+        let st = rd.status().map_err(|_| libc::EIO)?;
+        Ok(if st.ret < 0 { st.errno.max(1) } else { 0 })
     })();
     sys::sys_close(fd);
     r.unwrap_or_else(|e| e)
@@ -302,30 +285,23 @@ fn hello_on(fd: c_int) -> Option<Facts> {
         // SAFETY: valid option value.
         unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&tv as *const libc::timeval).cast(), sz) };
     }
-    send_all(fd, &[&header(HELLO, 0)]).ok()?;
+    send_all(fd, &[&header(Kind::Hello, 0)]).ok()?;
     let mut rd = Reader { fd, cancel_on_signal: false, cancelled: false };
-    let (kind, len) = rd.next_frame().ok()?;
-    if kind != HELLO_REPLY || len > 64 * 1024 {
+    let h = rd.next_frame().ok()?;
+    if h.kind != Kind::HelloReply as u16 || h.len > wire::MAX_HELLO_REPLY {
         return None;
     }
-    let mut body = vec![0u8; len as usize];
+    let mut body = vec![0u8; h.len as usize];
     // SAFETY: body holds len bytes.
     unsafe { rd.read(body.as_mut_ptr(), body.len()).ok()? };
     parse_hello(&body)
 }
 
 fn parse_hello(body: &[u8]) -> Option<Facts> {
-    let (mut major, mut run_dir, mut fuse_dir) = (None, None, None);
-    for line in body.split(|&c| c == b'\n') {
-        if let Some(v) = line.strip_prefix(b"major=") {
-            major = std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u32>().ok());
-        } else if let Some(v) = line.strip_prefix(b"run_dir=") {
-            run_dir = abs_dir(v);
-        } else if let Some(v) = line.strip_prefix(b"fuse_dir=") {
-            fuse_dir = abs_dir(v);
-        }
-    }
-    Some(Facts { major: major?, run_dir: run_dir?, fuse_dir })
+    let major = std::str::from_utf8(hello::field(body, hello::MAJOR)?).ok()?.trim().parse::<u32>().ok()?;
+    let run_dir = abs_dir(hello::field(body, hello::RUN_DIR)?)?;
+    let fuse_dir = hello::field(body, hello::FUSE_DIR).and_then(abs_dir);
+    Some(Facts { major, run_dir, fuse_dir })
 }
 
 /// An absolute directory path without trailing slashes, or None.

@@ -1,22 +1,25 @@
-//! Control-plane benchmarks (`dmemu bench`). Results and the exact commands: docs/PERFORMANCE.md.
+//! Control-plane benchmarks: `cargo bench --bench control -- [--pin] [--stacking-only]`.
+//! Results and the exact commands: docs/PERFORMANCE.md.
 //!
-//! Every figure runs against a real daemon process (this executable's `serve`) through the real
-//! socket, and the peer it is compared with runs in the same invocation.
+//! Every figure runs against a real daemon process (`dmemu serve`) through the real socket, and
+//! the peer it is compared with runs in the same invocation.
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::client::{Client, IoctlBuf};
-use crate::ioctl::layout::{DmCmd, DmFlags};
-use crate::server::frame::{self, Kind, HEADER_LEN};
+use clap::Parser;
+use common::{pin_to_cpu, spawn_daemon, spawn_server, unpin, vm_rss_kib, work_dir, Result};
+use dmemu::client::{Client, IoctlBuf};
+use dmemu::ioctl::layout::{DmCmd, DmFlags};
+use dmemu_frame::{self as frame, Kind};
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-#[derive(clap::Args, Debug)]
-pub struct BenchArgs {
+#[derive(Parser, Debug)]
+#[command(about = "dmemu's control-plane benchmarks (docs/PERFORMANCE.md)")]
+struct BenchArgs {
     /// DEV_STATUS round trips per measurement.
     #[arg(long, default_value_t = 20_000)]
     pub round_trips: u32,
@@ -39,59 +42,9 @@ pub struct BenchArgs {
     /// Internal: serve a bare echo on this socket (the round-trip peer).
     #[arg(long, hide = true)]
     pub echo_server: Option<PathBuf>,
-}
-
-fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t with one bit set, applied to this thread/process.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
-fn unpin() {
-    // SAFETY: as above, all CPUs.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for i in 0..libc::CPU_SETSIZE as usize {
-            libc::CPU_SET(i, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
-/// A child process that dies with the bench.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_self(args: &[&str], socket: &Path, pin: bool) -> Result<Proc> {
-    let mut c = Command::new(std::env::current_exe()?);
-    c.args(args).arg(socket).stdout(Stdio::null()).stderr(Stdio::null());
-    if pin {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: sched_setaffinity is async-signal-safe.
-        unsafe {
-            c.pre_exec(|| {
-                pin_to_cpu0();
-                Ok(())
-            });
-        }
-    }
-    let p = Proc(c.spawn()?);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(socket).is_err() {
-        if Instant::now() > deadline {
-            return Err(format!("server at {} did not start", socket.display()).into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(p)
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 /// The peer: reads a frame, answers with a reply frame of the same size as dmemu's DEV_STATUS
@@ -102,11 +55,8 @@ fn echo_server(path: &Path) -> Result {
     for s in l.incoming() {
         let mut s = s?;
         std::thread::spawn(move || {
-            let mut h = [0u8; HEADER_LEN];
             let mut reply = vec![0u8; 8 + 305];
-            while s.read_exact(&mut h).is_ok() {
-                let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-                let Ok(p) = frame::read_payload(&mut s, len) else { return };
+            while let Ok((_, p)) = frame::read_frame(&mut s, frame::MAX_IOCTL_PAYLOAD) {
                 let n = p.len().min(reply.len());
                 reply[..n].copy_from_slice(&p[..n]);
                 if frame::write_frame(&mut s, Kind::IoctlReply, &[&reply]).is_err() {
@@ -122,35 +72,17 @@ fn rate(n: u32, t: Duration) -> f64 {
     n as f64 / t.as_secs_f64()
 }
 
-fn vm_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
-            })
-        })
-        .unwrap_or(0)
-}
-
-fn check(r: &crate::client::IoctlResult, what: &str) -> Result {
-    if r.ret < 0 {
-        return Err(format!("{what} failed: errno {}", r.errno).into());
-    }
-    Ok(())
-}
-
 /// DEV_STATUS round trips on one connection against the bare echo, same message sizes.
 fn round_trips(dir: &Path, n: u32, pin: bool) -> Result<(f64, f64)> {
     if pin {
-        pin_to_cpu0();
+        pin_to_cpu(0);
     }
     let dm_sock = dir.join(if pin { "rt-pinned.sock" } else { "rt.sock" });
     let echo_sock = dir.join(if pin { "echo-pinned.sock" } else { "echo.sock" });
-    let _d = spawn_self(&["serve", "--log", "warn", "--socket"], &dm_sock, pin)?;
-    let _e = spawn_self(&["bench", "--echo-server"], &echo_sock, pin)?;
+    let _d = spawn_daemon(&dm_sock, pin)?;
+    let _e = spawn_server(&std::env::current_exe()?, &["--echo-server"], &echo_sock, pin)?;
     let mut c = Client::connect(&dm_sock)?;
-    check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name("rt"))?, "create")?;
+    c.run(&IoctlBuf::new(DmCmd::DevCreate).name("rt"))?.check("create")?;
     let status = IoctlBuf { size: 312, ..IoctlBuf::new(DmCmd::DevStatus).name("rt") };
     let req = status.bytes();
     let mut e = Client::connect(&echo_sock)?;
@@ -182,12 +114,12 @@ fn round_trips(dir: &Path, n: u32, pin: bool) -> Result<(f64, f64)> {
 
 /// Decode + engine + encode of one DEV_STATUS in-process: the daemon's own cost per round trip.
 fn in_process_status(n: u32) -> Result<f64> {
-    use crate::dm::{Engine, EngineConfig};
-    use crate::ioctl::linux;
+    use dmemu::dm::{Engine, EngineConfig};
+    use dmemu::ioctl::linux;
     let mut e = Engine::new(
         EngineConfig { major: 252, file_major: 251 },
-        crate::targets::registry(),
-        Box::new(crate::server::resolver::FsResolver),
+        dmemu::targets::registry(),
+        Box::new(dmemu::server::resolver::FsResolver),
     );
     let create = IoctlBuf::new(DmCmd::DevCreate).name("rt").bytes();
     let Ok(linux::Decoded::Command(d)) = linux::decode(DmCmd::DevCreate.request(), &create) else {
@@ -200,7 +132,7 @@ fn in_process_status(n: u32) -> Result<f64> {
         let Ok(linux::Decoded::Command(mut d)) = linux::decode(DmCmd::DevStatus.request(), &req) else {
             return Err("decode status".into());
         };
-        let r = std::mem::replace(&mut d.request, crate::dm::Request::new(crate::dm::Command::Version));
+        let r = std::mem::replace(&mut d.request, dmemu::dm::Request::new(dmemu::dm::Command::Version));
         let reply = e.execute(r).map_err(|e| e.to_string())?;
         std::hint::black_box(linux::encode(&reply, &d));
     }
@@ -209,14 +141,14 @@ fn in_process_status(n: u32) -> Result<f64> {
 
 fn cycles(dir: &Path, n: u32) -> Result<f64> {
     let sock = dir.join("cycles.sock");
-    let _d = spawn_self(&["serve", "--log", "warn", "--socket"], &sock, false)?;
+    let _d = spawn_daemon(&sock, false)?;
     let mut c = Client::connect(&sock)?;
     let t = Instant::now();
     for _ in 0..n {
-        check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name("cyc"))?, "create")?;
-        check(&c.run(&IoctlBuf::new(DmCmd::TableLoad).name("cyc").table([(0, 2048, "zero", "")]))?, "load")?;
-        check(&c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("cyc"))?, "resume")?;
-        check(&c.run(&IoctlBuf::new(DmCmd::DevRemove).name("cyc"))?, "remove")?;
+        c.run(&IoctlBuf::new(DmCmd::DevCreate).name("cyc"))?.check("create")?;
+        c.run(&IoctlBuf::new(DmCmd::TableLoad).name("cyc").table([(0, 2048, "zero", "")]))?.check("load")?;
+        c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("cyc"))?.check("resume")?;
+        c.run(&IoctlBuf::new(DmCmd::DevRemove).name("cyc"))?.check("remove")?;
     }
     Ok(rate(n, t.elapsed()))
 }
@@ -230,7 +162,7 @@ struct BigTable {
 
 fn big_table(dir: &Path, n: u32) -> Result<BigTable> {
     let sock = dir.join("big.sock");
-    let d = spawn_self(&["serve", "--log", "warn", "--socket"], &sock, false)?;
+    let d = spawn_daemon(&sock, false)?;
     let file = dir.join("big.img");
     std::fs::File::create(&file)?.set_len(n as u64 * 8 * 512)?;
     let path = file.to_string_lossy().into_owned();
@@ -243,14 +175,14 @@ fn big_table(dir: &Path, n: u32) -> Result<BigTable> {
     drop(offsets);
     let encode = t.elapsed();
     let mut c = Client::connect(&sock)?;
-    check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name("big"))?, "create")?;
+    c.run(&IoctlBuf::new(DmCmd::DevCreate).name("big"))?.check("create")?;
     std::thread::sleep(Duration::from_millis(200));
     let before = vm_rss_kib(d.0.id());
     let t = Instant::now();
-    check(&c.ioctl(DmCmd::TableLoad.request(), &bytes)?, "load")?;
+    c.ioctl(DmCmd::TableLoad.request(), &bytes)?.check("load")?;
     let load = t.elapsed();
     let t = Instant::now();
-    check(&c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("big"))?, "resume")?;
+    c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("big"))?.check("resume")?;
     let resume = t.elapsed();
     std::thread::sleep(Duration::from_millis(200));
     let after = vm_rss_kib(d.0.id());
@@ -262,41 +194,13 @@ fn big_table(dir: &Path, n: u32) -> Result<BigTable> {
     Ok(BigTable { encode, load, resume, rss_per_target: (after.saturating_sub(before) * 1024) as f64 / n as f64 })
 }
 
-/// A fresh work directory for a benchmark under `dir` (default `/dev/shm`, a tmpfs like the
-/// `/run` a production daemon uses; else the temp dir), announced with the machine it runs on.
-pub(crate) fn work_dir(dir: Option<PathBuf>, tag: &str) -> std::io::Result<PathBuf> {
-    let base = dir.unwrap_or_else(|| {
-        let shm = PathBuf::from("/dev/shm");
-        if shm.is_dir() {
-            shm
-        } else {
-            std::env::temp_dir()
-        }
-    });
-    let dir = base.join(format!("dmemu-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
-        })
-        .unwrap_or_default();
-    println!(
-        "machine: {} CPUs, {cpu}; run dir {}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        dir.display()
-    );
-    Ok(dir)
-}
-
 /// The data plane's own cost per request through 1, 2 and 3 stacked `linear` layers, in-process
-/// (a daemon in this process, IO through [`crate::io::IoHandle`], no socket): reads at
+/// (a daemon in this process, IO through [`dmemu::io::IoHandle`], no socket): reads at
 /// pseudo-random offsets of a file in the page cache. Returns (layers, ns per 4 KiB read, ns per
 /// 1 MiB read), medians of alternating blocks.
 fn stacking(dir: &Path) -> Result<Vec<(usize, f64, f64)>> {
-    use crate::dm::{DevNum, Engine, EngineConfig};
-    use crate::server::{Daemon, ServeConfig};
+    use dmemu::dm::{DevNum, Engine, EngineConfig};
+    use dmemu::server::{Daemon, ServeConfig};
     const SECTORS: u64 = 128 << 11; // 128 MiB
     let file = dir.join("stack.img");
     {
@@ -314,7 +218,7 @@ fn stacking(dir: &Path) -> Result<Vec<(usize, f64, f64)>> {
         netbsd_errors: Default::default(),
         fuse_dir: None,
     };
-    let engine = Engine::new(cfg.engine, crate::targets::registry(), Box::new(crate::server::resolver::FsResolver));
+    let engine = Engine::new(cfg.engine, dmemu::targets::registry(), Box::new(dmemu::server::resolver::FsResolver));
     let d = Daemon::new(&cfg, engine)?;
     let (d2, s2) = (d.clone(), socket.clone());
     std::thread::spawn(move || d2.serve(&s2));
@@ -331,13 +235,10 @@ fn stacking(dir: &Path) -> Result<Vec<(usize, f64, f64)>> {
     let mut handles = Vec::new();
     for name in ["stack1", "stack2", "stack3"] {
         let args = format!("{below} 0");
-        check(&c.run(&IoctlBuf::new(DmCmd::DevCreate).name(name))?, "create")?;
-        check(
-            &c.run(&IoctlBuf::new(DmCmd::TableLoad).name(name).table([(0, SECTORS, "linear", args.as_str())]))?,
-            "load",
-        )?;
-        let st = c.run(&IoctlBuf::new(DmCmd::DevSuspend).name(name))?;
-        check(&st, "resume")?;
+        c.run(&IoctlBuf::new(DmCmd::DevCreate).name(name))?.check("create")?;
+        c.run(&IoctlBuf::new(DmCmd::TableLoad).name(name).table([(0, SECTORS, "linear", args.as_str())]))?
+            .check("load")?;
+        let st = c.run(&IoctlBuf::new(DmCmd::DevSuspend).name(name))?.check("resume")?;
         below = DevNum::huge_decode(st.header().dev).to_string();
         handles.push(d.io().open(name).ok_or("device not open for IO")?);
     }
@@ -377,7 +278,8 @@ fn stacking(dir: &Path) -> Result<Vec<(usize, f64, f64)>> {
     Ok(t4k.into_iter().zip(t1m).enumerate().map(|(i, (a, b))| (i + 1, median(a), median(b))).collect())
 }
 
-pub fn run(args: BenchArgs) -> Result {
+fn main() -> Result {
+    let args = BenchArgs::parse();
     if let Some(p) = args.echo_server {
         return echo_server(&p);
     }

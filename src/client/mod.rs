@@ -1,14 +1,37 @@
-//! A minimal client of the control socket: one connection, raw ioctls, and a builder for
-//! `struct dm_ioctl` buffers. Used by `dmemu bench` and the raw-socket tests.
+//! Clients of the control socket (docs/control-socket.md): a connection that sends raw ioctls
+//! ([`Client`]) and a builder for `struct dm_ioctl` buffers ([`IoctlBuf`]); the daemon's facts and
+//! starting one ([`daemon`]); the dm-switch page-table upload ([`switch`]). Used by the CLI
+//! subcommands, the benchmarks and the tests; the framing itself is the `dmemu-frame` crate, which
+//! the daemon and the shim share.
 
-use std::io::{self, Read, Write};
+pub mod daemon;
+pub mod switch;
+
+use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use dmemu_frame::{self as frame, Kind, Status};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::ioctl::layout::{align8, DmCmd, DmFlags, DmIoctl, DmTargetSpec, DM_IOCTL_SIZE, DM_VERSION};
-use crate::server::frame::{self, Kind, HEADER_LEN};
+
+/// What can go wrong on the client side of the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The daemon answered, with an error.
+    #[error("{what}: {}", io::Error::from_raw_os_error(*errno))]
+    Errno { what: String, errno: i32 },
+    /// The daemon's answer was not what the protocol says it sends.
+    #[error("{0}")]
+    Protocol(String),
+    /// The request cannot be made (the caller's input is out of range, the device is not what it
+    /// should be).
+    #[error("{0}")]
+    Invalid(String),
+}
 
 /// What one ioctl returned: the return value, errno, and the bytes copied back.
 #[derive(Debug)]
@@ -19,6 +42,14 @@ pub struct IoctlResult {
 }
 
 impl IoctlResult {
+    /// `Ok(self)` if the ioctl succeeded, else its errno, labelled `what`.
+    pub fn check(self, what: &str) -> Result<Self, ClientError> {
+        if self.ret < 0 {
+            return Err(ClientError::Errno { what: what.to_owned(), errno: self.errno });
+        }
+        Ok(self)
+    }
+
     /// The reply header (zero-extended if the reply was shorter).
     pub fn header(&self) -> DmIoctl {
         let mut buf = [0u8; DM_IOCTL_SIZE];
@@ -57,22 +88,24 @@ impl Client {
 
     /// Reads frames up to the reply of kind `want` (return value, errno, bytes), skipping EVENTs.
     fn reply(&mut self, want: Kind) -> io::Result<IoctlResult> {
-        loop {
-            let mut h = [0u8; HEADER_LEN];
-            self.stream.read_exact(&mut h)?;
-            let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-            let kind = u16::from_le_bytes([h[4], h[5]]);
-            let payload = frame::read_payload(&mut self.stream, len)?;
-            if kind == Kind::Event as u16 {
-                continue;
+        let (h, payload) = frame::read_frame(&mut self.stream, frame::MAX_IOCTL_PAYLOAD)?;
+        match Status::split(&payload) {
+            Some((st, bytes)) if h.kind == want as u16 => {
+                Ok(IoctlResult { ret: st.ret, errno: st.errno, bytes: bytes.to_vec() })
             }
-            if kind != want as u16 || payload.len() < 8 {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected reply frame"));
-            }
-            let ret = i32::from_le_bytes(payload[0..4].try_into().expect("4 bytes"));
-            let errno = i32::from_le_bytes(payload[4..8].try_into().expect("4 bytes"));
-            return Ok(IoctlResult { ret, errno, bytes: payload[8..].to_vec() });
+            _ => Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected reply frame")),
         }
+    }
+
+    /// Sends one frame of `kind` and returns the payload of the next frame that is not an EVENT,
+    /// which must be of kind `want`.
+    pub fn exchange(&mut self, kind: Kind, payload: &[u8], want: Kind) -> Result<Vec<u8>, ClientError> {
+        frame::write_frame(&mut self.stream, kind, &[payload])?;
+        let (h, payload) = frame::read_frame(&mut self.stream, frame::MAX_IOCTL_PAYLOAD)?;
+        if h.kind != want as u16 {
+            return Err(ClientError::Protocol(format!("unexpected reply frame kind {:#x}", h.kind)));
+        }
+        Ok(payload)
     }
 
     /// Sends raw bytes (for malformed-input tests).

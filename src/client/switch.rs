@@ -1,70 +1,17 @@
-//! `dmemu switch upload DEV --page-size N [--pte-bits B] MAP`: loads a switch device's page table
-//! (docs/protocols.md). An RFC-form switch gets the binary `IpcPgTable` upload in chunks of at most
-//! 65,480 bytes; an upstream-form one gets `set_region_mappings` messages of at most 65,480 bytes.
-//! The functions here are also what the switch benchmarks and tests drive.
+//! The dm-switch page-table upload from the client side (docs/protocols.md, "The dm-switch
+//! page-table upload"): an RFC-form switch gets the binary `IpcPgTable` upload in generic-netlink
+//! frames of at most 65,480 bytes; an upstream-form one gets `set_region_mappings` messages of at
+//! most 65,480 bytes. `dmemu switch upload`, the switch benchmarks and the tests drive these.
 
-use std::io::{self, Read};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use dmemu_frame::Kind;
 use zerocopy::FromBytes;
 
-use crate::client::{Client, IoctlBuf};
+use super::{Client, ClientError, IoctlBuf};
 use crate::dm::DevNum;
 use crate::ioctl::dm_switch::{self, IpcPgTable, ReplyMsg, MAX_ENTRY_BYTES, MAX_IPC_MSG_LEN};
 use crate::ioctl::layout::{DmCmd, DmFlags, DmTargetSpec, DM_IOCTL_SIZE, DM_TARGET_SPEC_SIZE};
-use crate::server::frame::{self, Kind, HEADER_LEN};
-
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-#[derive(clap::Args, Debug)]
-pub struct SwitchArgs {
-    #[command(subcommand)]
-    pub cmd: SwitchCmd,
-}
-
-#[derive(clap::Subcommand, Debug)]
-pub enum SwitchCmd {
-    /// Load a switch device's page table: one path index per region.
-    Upload(UploadArgs),
-}
-
-#[derive(clap::Args, Debug)]
-pub struct UploadArgs {
-    /// Control socket path (default: $DMEMU_SOCKET, else a per-user default).
-    #[arg(long)]
-    pub socket: Option<PathBuf>,
-    /// The device: a name, /dev/mapper/NAME or MAJOR:MINOR.
-    pub dev: String,
-    /// Region (page) size in sectors; must match the device's table.
-    #[arg(long)]
-    pub page_size: u32,
-    /// Entry width in bits (default: the smallest that holds the device's path count). RFC-form
-    /// devices only: upstream-form widths are fixed by the table.
-    #[arg(long)]
-    pub pte_bits: Option<u8>,
-    /// The two userland words the RFC status shows (decimal or 0x-hex).
-    #[arg(long, num_args = 2, value_names = ["W0", "W1"], value_parser = parse_word)]
-    pub userland: Option<Vec<u32>>,
-    /// MAP holds raw packed entries (the RFC's `ptbl_buff` layout: `32 / pte_bits` per native
-    /// 32-bit word, least significant first) instead of text.
-    #[arg(long)]
-    pub raw: bool,
-    /// With --raw: how many entries MAP holds (default: the device's region count).
-    #[arg(long)]
-    pub regions: Option<u64>,
-    /// The map: decimal path indices separated by whitespace, one per region from region 0 ("-":
-    /// standard input).
-    pub map: String,
-}
-
-fn parse_word(s: &str) -> std::result::Result<u32, String> {
-    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(h) => u32::from_str_radix(h, 16),
-        None => s.parse(),
-    };
-    r.map_err(|e| format!("{s:?}: {e}"))
-}
 
 /// The switch target of a device's live table, as `TABLE_STATUS` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,15 +37,8 @@ impl SwitchInfo {
     }
 }
 
-fn check_ioctl(r: &crate::client::IoctlResult, what: &str) -> Result {
-    if r.ret < 0 {
-        return Err(format!("{what}: {}", io::Error::from_raw_os_error(r.errno)).into());
-    }
-    Ok(())
-}
-
 /// Finds the device (by name or number) and the first switch target of its live table.
-pub fn switch_info(c: &mut Client, dev: &str) -> Result<SwitchInfo> {
+pub fn switch_info(c: &mut Client, dev: &str) -> Result<SwitchInfo, ClientError> {
     let key = |cmd: DmCmd| match DevNum::parse(dev) {
         Some(d) => {
             let mut b = IoctlBuf::new(cmd);
@@ -107,14 +47,12 @@ pub fn switch_info(c: &mut Client, dev: &str) -> Result<SwitchInfo> {
         }
         None => IoctlBuf::new(cmd).name(dev.rsplit_once("/mapper/").map_or(dev, |(_, n)| n)),
     };
-    let st = c.run(&key(DmCmd::DevStatus))?;
-    check_ioctl(&st, dev)?;
+    let st = c.run(&key(DmCmd::DevStatus))?.check(dev)?;
     let h = st.header();
     let name =
         String::from_utf8_lossy(&h.name[..h.name.iter().position(|&c| c == 0).unwrap_or(h.name.len())]).into_owned();
     let devnum = DevNum::huge_decode(h.dev);
-    let r = c.run(&key(DmCmd::TableStatus).flags(DmFlags::STATUS_TABLE))?;
-    check_ioctl(&r, dev)?;
+    let r = c.run(&key(DmCmd::TableStatus).flags(DmFlags::STATUS_TABLE))?.check(dev)?;
     let h = r.header();
     let mut at = DM_IOCTL_SIZE;
     for _ in 0..h.target_count {
@@ -122,14 +60,18 @@ pub fn switch_info(c: &mut Client, dev: &str) -> Result<SwitchInfo> {
             .bytes
             .get(at..at + DM_TARGET_SPEC_SIZE)
             .and_then(|b| DmTargetSpec::read_from_bytes(b).ok())
-            .ok_or("short TABLE_STATUS reply")?;
+            .ok_or_else(|| ClientError::Protocol("short TABLE_STATUS reply".into()))?;
         let params = &r.bytes[at + DM_TARGET_SPEC_SIZE..];
         let params = String::from_utf8_lossy(&params[..params.iter().position(|&c| c == 0).unwrap_or(params.len())])
             .into_owned();
         let ty = &spec.target_type[..spec.target_type.iter().position(|&c| c == 0).unwrap_or(16)];
         if ty == b"switch" {
             let w: Vec<&str> = params.split_whitespace().collect();
-            let num = |i: usize| w.get(i).and_then(|v| v.parse::<u64>().ok()).ok_or("unexpected switch table line");
+            let num = |i: usize| {
+                w.get(i)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| ClientError::Protocol(format!("unexpected switch table line {params:?}")))
+            };
             return Ok(SwitchInfo {
                 name,
                 dev: devnum,
@@ -142,27 +84,13 @@ pub fn switch_info(c: &mut Client, dev: &str) -> Result<SwitchInfo> {
         }
         at = DM_IOCTL_SIZE + spec.next as usize;
     }
-    Err(format!("{dev}: no switch target in the live table").into())
+    Err(ClientError::Invalid(format!("{dev}: no switch target in the live table")))
 }
 
 /// Sends one GENL frame and returns the netlink messages of its GENL_REPLY (EVENT frames skipped).
-pub fn genl(c: &mut Client, msg: &[u8]) -> Result<Vec<ReplyMsg>> {
-    let s = c.stream();
-    frame::write_frame(s, Kind::Genl, &[msg])?;
-    loop {
-        let mut h = [0u8; HEADER_LEN];
-        s.read_exact(&mut h)?;
-        let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-        let kind = u16::from_le_bytes([h[4], h[5]]);
-        let payload = frame::read_payload(s, len)?;
-        if kind == Kind::Event as u16 {
-            continue;
-        }
-        if kind != Kind::GenlReply as u16 {
-            return Err(format!("unexpected reply frame kind {kind:#x}").into());
-        }
-        return Ok(dm_switch::parse_reply(&payload)?);
-    }
+pub fn genl(c: &mut Client, msg: &[u8]) -> Result<Vec<ReplyMsg>, ClientError> {
+    let payload = c.exchange(Kind::Genl, msg, Kind::GenlReply)?;
+    dm_switch::parse_reply(&payload).map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
 /// What an upload did.
@@ -176,20 +104,31 @@ pub struct UploadStats {
     pub encode: Duration,
 }
 
+/// Where an RFC upload goes and how its entries are packed.
+#[derive(Clone, Copy, Debug)]
+pub struct GenlUpload {
+    pub dev: DevNum,
+    /// The switch's path count.
+    pub dev_count: u16,
+    /// Region size in sectors (carried, not checked, as in the RFC).
+    pub page_size: u32,
+    /// Entry width, 1..=32.
+    pub bits: u8,
+    /// The two words the RFC status shows.
+    pub userland: [u32; 2],
+}
+
 /// The RFC upload: `entries` (one path index per region, each < 2^bits) in `IpcPgTable` chunks
 /// of at most [`MAX_IPC_MSG_LEN`] bytes. `progress(done, total)` runs after each chunk.
-#[allow(clippy::too_many_arguments)]
 pub fn upload_genl(
     c: &mut Client,
-    dev: DevNum,
-    dev_count: u16,
-    page_size: u32,
-    bits: u8,
-    userland: [u32; 2],
+    to: &GenlUpload,
     entries: &[u32],
     mut progress: impl FnMut(u64, u64),
-) -> Result<UploadStats> {
-    let total = u32::try_from(entries.len()).map_err(|_| "more than 2^32-1 regions")?;
+) -> Result<UploadStats, ClientError> {
+    let GenlUpload { dev, dev_count, page_size, bits, userland } = *to;
+    let total =
+        u32::try_from(entries.len()).map_err(|_| ClientError::Invalid("more than 2^32-1 regions".into()))?;
     let per_chunk = MAX_ENTRY_BYTES / 4 * (32 / bits as usize);
     let t = Instant::now();
     let mut stats = UploadStats::default();
@@ -215,17 +154,13 @@ pub fn upload_genl(
         match reply.first() {
             Some(ReplyMsg::Response(r)) if r.status == 0 => {}
             Some(ReplyMsg::Response(r)) => {
-                return Err(format!(
-                    "upload refused ({}): {}",
-                    io::Error::from_raw_os_error(r.status as i32),
-                    r.error()
-                )
-                .into())
+                return Err(ClientError::Errno {
+                    what: format!("upload refused ({})", r.error()),
+                    errno: r.status as i32,
+                })
             }
-            Some(ReplyMsg::Error(e)) => {
-                return Err(format!("upload refused: {}", io::Error::from_raw_os_error(-e)).into())
-            }
-            other => return Err(format!("unexpected reply {other:?}").into()),
+            Some(ReplyMsg::Error(e)) => return Err(ClientError::Errno { what: "upload refused".into(), errno: -e }),
+            other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
         }
         stats.messages += 1;
         stats.bytes += msg.len() as u64;
@@ -311,7 +246,7 @@ pub fn upload_messages(
     start: u64,
     entries: &[u32],
     mut progress: impl FnMut(u64, u64),
-) -> Result<UploadStats> {
+) -> Result<UploadStats, ClientError> {
     let t = Instant::now();
     let mut stats = UploadStats::default();
     let msgs = mapping_messages(entries, 0, MAX_IPC_MSG_LEN);
@@ -319,125 +254,13 @@ pub fn upload_messages(
     let n = msgs.len() as u64;
     for (i, m) in msgs.into_iter().enumerate() {
         let b = IoctlBuf::new(DmCmd::TargetMsg).name(name).message(start, &m);
-        check_ioctl(&c.run(&b)?, "set_region_mappings")?;
+        c.run(&b)?.check("set_region_mappings")?;
         stats.messages += 1;
         stats.bytes += m.len() as u64;
         progress((i as u64 + 1) * entries.len() as u64 / n, entries.len() as u64);
     }
     stats.elapsed = t.elapsed();
     Ok(stats)
-}
-
-/// Reads MAP: text path indices, or raw packed words.
-fn read_map(a: &UploadArgs, info: &SwitchInfo, bits: u8) -> Result<Vec<u32>> {
-    let mut data = Vec::new();
-    if a.map == "-" {
-        io::stdin().read_to_end(&mut data)?;
-    } else {
-        data = std::fs::read(&a.map).map_err(|e| format!("{}: {e}", a.map))?;
-    }
-    if !a.raw {
-        let text =
-            String::from_utf8(data).map_err(|_| format!("{}: not text (use --raw for packed entries)", a.map))?;
-        return text
-            .split_ascii_whitespace()
-            .enumerate()
-            .map(|(i, w)| {
-                w.parse::<u32>().map_err(|_| format!("{}: entry {i}: {w:?} is not a path index", a.map).into())
-            })
-            .collect();
-    }
-    let n = a.regions.unwrap_or_else(|| info.regions());
-    let per_word = 32 / bits as u64;
-    let need = n.div_ceil(per_word) * 4;
-    if (data.len() as u64) < need {
-        return Err(format!("{}: {} bytes hold fewer than {n} entries of {bits} bits", a.map, data.len()).into());
-    }
-    let mask = if bits >= 32 { u32::MAX } else { (1u32 << bits) - 1 };
-    Ok((0..n)
-        .map(|i| {
-            let w = (i / per_word) as usize * 4;
-            let word = u32::from_ne_bytes(data[w..w + 4].try_into().expect("4 bytes"));
-            (word >> ((i % per_word) as u32 * bits as u32)) & mask
-        })
-        .collect())
-}
-
-/// Tables of at least this many regions get progress lines on standard error.
-pub const PROGRESS_MIN_REGIONS: u64 = 1 << 19;
-
-pub fn run(args: SwitchArgs, default_socket: PathBuf) -> Result {
-    let SwitchCmd::Upload(a) = args.cmd;
-    let socket = a.socket.clone().unwrap_or(default_socket);
-    let mut c = Client::connect(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    let info = switch_info(&mut c, &a.dev)?;
-    if info.region_size != a.page_size as u64 {
-        return Err(
-            format!("{}: --page-size {} does not match the table's {}", a.dev, a.page_size, info.region_size).into()
-        );
-    }
-    let bits = match (a.pte_bits, info.rfc) {
-        (Some(b), true) if (1..=32).contains(&b) => b,
-        (Some(b), true) => return Err(format!("--pte-bits {b}: must be 1..=32").into()),
-        (Some(b), false) if b != info.default_bits() => {
-            return Err(format!("{}: an upstream-form switch has {}-bit entries", a.dev, info.default_bits()).into())
-        }
-        _ => info.default_bits(),
-    };
-    let entries = read_map(&a, &info, bits)?;
-    let limit = if info.rfc {
-        if bits >= 32 {
-            u64::MAX
-        } else {
-            (1u64 << bits) - 1
-        }
-    } else {
-        info.paths - 1
-    };
-    if let Some((i, v)) = entries.iter().enumerate().find(|(_, &v)| v as u64 > limit) {
-        return Err(format!("{}: entry {i} is {v}, more than {limit}", a.map).into());
-    }
-    if entries.len() as u64 != info.regions() {
-        eprintln!("dmemu: {}: the map has {} entries, the device {} regions", a.dev, entries.len(), info.regions());
-    }
-    // Progress at every tenth of a big table.
-    let mut shown = 0u64;
-    let progress = |done: u64, total: u64| {
-        let tenth = done * 10 / total.max(1);
-        if total >= PROGRESS_MIN_REGIONS && tenth > shown {
-            shown = tenth;
-            eprintln!("{}: {done}/{total} regions ({}%)", info.name, done * 100 / total.max(1));
-        }
-    };
-    let stats = if info.rfc {
-        let dev_count = u16::try_from(info.paths).map_err(|_| "more than 65535 paths")?;
-        let userland = a.userland.as_deref().map_or([0; 2], |u| [u[0], u[1]]);
-        upload_genl(&mut c, info.dev, dev_count, a.page_size, bits, userland, &entries, progress)?
-    } else {
-        if a.userland.is_some() {
-            return Err(format!("{}: --userland needs an RFC-form switch", a.dev).into());
-        }
-        if entries.len() as u64 > info.regions() {
-            return Err(format!(
-                "{}: the map has {} entries, the device only {} regions",
-                a.dev,
-                entries.len(),
-                info.regions()
-            )
-            .into());
-        }
-        upload_messages(&mut c, &info.name, info.start, &entries, progress)?
-    };
-    println!(
-        "{}: {} regions in {} {} ({} bytes, {:.1} ms)",
-        info.name,
-        entries.len(),
-        stats.messages,
-        if info.rfc { "IpcPgTable messages" } else { "set_region_mappings messages" },
-        stats.bytes,
-        stats.elapsed.as_secs_f64() * 1e3
-    );
-    Ok(())
 }
 
 #[cfg(test)]

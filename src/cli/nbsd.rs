@@ -10,11 +10,11 @@ use std::ffi::CStr;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 
-use crate::client::Client;
-use crate::dm::DevNum;
-use crate::ioctl::netbsd::{externalize, flags, internalize, Dict, Value};
+use dmemu::client::Client;
+use dmemu::dm::DevNum;
+use dmemu::ioctl::netbsd::{externalize, flags, internalize, Dict, Value};
 
-type Result<T = ()> = std::result::Result<T, Box<dyn Error>>;
+use super::Result;
 
 #[derive(clap::Args, Debug)]
 pub struct NbsdArgs {
@@ -148,8 +148,8 @@ struct Ctx {
     dump: bool,
 }
 
-pub fn run(args: NbsdArgs, default_socket: impl FnOnce() -> PathBuf) -> Result {
-    let ctx = Ctx { socket: args.socket.unwrap_or_else(default_socket), dump: args.dump_plist };
+pub fn run(args: NbsdArgs) -> Result {
+    let ctx = Ctx { socket: args.socket.unwrap_or_else(dmemu::client::daemon::default_socket), dump: args.dump_plist };
     let mut out = io::stdout().lock();
     match args.cmd {
         NbsdCmd::Version => {
