@@ -594,6 +594,24 @@ enum Payload {
 
 impl Conn<'_> {
     /// An idle pipe, or a new one while there are fewer than [`MAX_PIPES`].
+    /// Whether a write's payload goes socket → pipe → files by `splice`: a big write the client
+    /// waits for alone, with its payload still on the way (`buffered` bytes of it read already).
+    /// With more in flight the copy into a buffer overlaps with the workers' writes and measured as
+    /// fast or faster (docs/PERFORMANCE.md, "Data plane"). A request the checks refuse takes the
+    /// buffer path, where it is refused. Cheap tests first: small writes never take the queue's
+    /// lock here.
+    fn splices(&self, req: &Request, buffered: usize) -> bool {
+        let len = req.len as usize;
+        self.splice
+            && len >= SPLICE_MIN
+            && buffered < len
+            && req.flags & CMD_FLAG_FUA == 0
+            && self.inline > 0
+            && self.max_workers > 0
+            && lock(&self.queue).inflight == 1
+            && self.check(req).is_ok()
+    }
+
     fn take_pipe(&self) -> Option<Pipe> {
         let mut p = lock(&self.pipes);
         if let Some(pipe) = p.0.pop() {
@@ -896,22 +914,7 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
             if r.buffer().len() < len {
                 flush(c, s);
             }
-            // A big write the client waits for alone, with its payload still on the way, goes
-            // into a pipe and from there into the files with `splice`. With more in flight the
-            // copy into a buffer overlaps with the workers' writes and measured as fast or faster
-            // (docs/PERFORMANCE.md, "Data plane").
-            // (A request the checks refuse takes the buffer path, where it is refused.) Cheap
-            // tests first: small writes never take the queue's lock here.
-            let pipe = (c.splice
-                && len >= SPLICE_MIN
-                && r.buffer().len() < len
-                && req.flags & CMD_FLAG_FUA == 0
-                && c.inline > 0
-                && c.max_workers > 0
-                && lock(&c.queue).inflight == 1
-                && c.check(&req).is_ok())
-            .then(|| c.take_pipe())
-            .flatten();
+            let pipe = c.splices(&req, r.buffer().len()).then(|| c.take_pipe()).flatten();
             let received = match pipe {
                 Some(p) if len <= p.cap => p.receive(c, r, len),
                 other => {

@@ -106,6 +106,27 @@ fn meta_query_matches(query: &str, list: bool) -> bool {
     query == META_BASE_ALLOCATION || (list && query == "base:")
 }
 
+/// What handling one option leads to.
+enum Step {
+    /// Another option follows.
+    Next,
+    /// The handshake is over: transmission on this export, or (`None`) a clean end.
+    End(Option<Export>),
+}
+
+/// The state of one client's option haggling.
+struct Negotiation<'a> {
+    io: &'a DataPlane,
+    rep: Replier<'a>,
+    w: &'a File,
+    /// The client asked for no zero padding after NBD_OPT_EXPORT_NAME's reply.
+    no_zeroes: bool,
+    structured: bool,
+    /// The export NBD_OPT_SET_META_CONTEXT selected base:allocation for, if any: it applies only
+    /// when the client then goes to that export.
+    meta_for: Option<String>,
+}
+
 /// Runs the handshake. `Ok(Some)` enters transmission; `Ok(None)` is a clean end (the client
 /// aborted); errors end the session with a hard disconnect.
 pub(super) fn negotiate(io: &DataPlane, r: &mut BufReader<&File>, w: &File) -> io::Result<Option<Export>> {
@@ -121,14 +142,42 @@ pub(super) fn negotiate(io: &DataPlane, r: &mut BufReader<&File>, w: &File) -> i
         return Err(invalid(format!("unknown client flags {cflags:#x}")));
     }
     let fixed = cflags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
-    let rep = Replier { w };
-    let mut structured = false;
-    // The export NBD_OPT_SET_META_CONTEXT selected base:allocation for, if any: it applies only
-    // when the client then goes to that export.
-    let mut meta_for: Option<String> = None;
-
+    let mut n = Negotiation {
+        io,
+        rep: Replier { w },
+        w,
+        no_zeroes: cflags & FLAG_C_NO_ZEROES != 0,
+        structured: false,
+        meta_for: None,
+    };
     loop {
+        let Some((opt, data)) = n.read_option(r, fixed)? else { continue };
+        let step = match opt {
+            OPT_EXPORT_NAME => n.export_name(&data)?,
+            OPT_ABORT => {
+                // The client may already have closed; the ACK is a courtesy.
+                let _ = n.rep.ack(opt);
+                Step::End(None)
+            }
+            OPT_LIST => n.list(&data)?,
+            OPT_STRUCTURED_REPLY => n.structured_reply(&data)?,
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => n.meta_context(opt, &data)?,
+            OPT_INFO | OPT_GO => n.info_or_go(opt, &data)?,
+            _ => {
+                n.rep.error(opt, REP_ERR_UNSUP, &format!("option {opt} is not supported"))?;
+                Step::Next
+            }
+        };
+        if let Step::End(export) = step {
+            return Ok(export);
+        }
+    }
+}
+
+impl Negotiation<'_> {
+    /// Reads the next option: its number and data, or `None` when it was too long and has been
+    /// refused already.
+    fn read_option(&self, r: &mut BufReader<&File>, fixed: bool) -> io::Result<Option<(u32, Vec<u8>)>> {
         let h: [u8; 16] = read_array(r)?;
         if u64::from_be_bytes(h[0..8].try_into().unwrap()) != IHAVEOPT {
             return Err(invalid("bad option magic"));
@@ -147,145 +196,142 @@ pub(super) fn negotiate(io: &DataPlane, r: &mut BufReader<&File>, w: &File) -> i
             if opt == OPT_EXPORT_NAME {
                 return Err(invalid("export name too long"));
             }
-            rep.error(opt, REP_ERR_TOO_BIG, "option data too long")?;
-            continue;
+            self.rep.error(opt, REP_ERR_TOO_BIG, "option data too long")?;
+            return Ok(None);
         }
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data)?;
+        Ok(Some((opt, data)))
+    }
 
-        match opt {
-            OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data).into_owned();
-                // No error reply exists for NBD_OPT_EXPORT_NAME: an unknown export ends the
-                // session (proto.md "Option types").
-                let Some(handle) = io.open(&name) else {
-                    return Err(invalid(format!("NBD_OPT_EXPORT_NAME for unknown export {name:?}")));
-                };
-                let size = handle.size();
-                let flags = transmission_flags(handle.read_only(), structured);
-                let meta = meta_for.as_deref() == Some(name.as_str());
-                let mut reply = Vec::with_capacity(10 + 124);
-                reply.extend_from_slice(&size.to_be_bytes());
-                reply.extend_from_slice(&flags.to_be_bytes());
-                if !no_zeroes {
-                    reply.extend_from_slice(&[0u8; 124]);
-                }
-                (&mut &*w).write_all(&reply)?;
-                return Ok(Some(Export { handle, size, flags, structured, meta }));
-            }
-            OPT_ABORT => {
-                // The client may already have closed; the ACK is a courtesy.
-                let _ = rep.ack(opt);
-                return Ok(None);
-            }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    rep.error(opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
-                    continue;
-                }
-                for (name, _) in io.active() {
-                    let mut d = Vec::with_capacity(4 + name.len());
-                    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-                    d.extend_from_slice(name.as_bytes());
-                    rep.send(opt, REP_SERVER, &d)?;
-                }
-                rep.ack(opt)?;
-            }
-            OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    rep.error(opt, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")?;
-                    continue;
-                }
-                structured = true;
-                rep.ack(opt)?;
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                let list = opt == OPT_LIST_META_CONTEXT;
-                if !structured {
-                    // proto.md: metadata contexts need structured replies to be usable.
-                    rep.error(opt, REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")?;
-                    continue;
-                }
-                let Some((name, queries)) = parse_meta_request(&data) else {
-                    rep.error(opt, REP_ERR_INVALID, "malformed metadata context request")?;
-                    continue;
-                };
-                if !io.active().iter().any(|(n, _)| *n == name) {
-                    rep.error(opt, REP_ERR_UNKNOWN, &format!("no active device named {name:?}"))?;
-                    continue;
-                }
-                // LIST without queries lists every context; SET without queries selects none.
-                let chosen =
-                    if queries.is_empty() { list } else { queries.iter().any(|q| meta_query_matches(q, list)) };
-                if !list {
-                    meta_for = chosen.then(|| name.clone());
-                }
-                if chosen {
-                    let mut d = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();
-                    d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
-                    rep.send(opt, REP_META_CONTEXT, &d)?;
-                }
-                rep.ack(opt)?;
-            }
-            OPT_INFO | OPT_GO => {
-                let Some((name, wanted)) = parse_info_request(&data) else {
-                    rep.error(opt, REP_ERR_INVALID, "malformed NBD_OPT_INFO/NBD_OPT_GO")?;
-                    continue;
-                };
-                // GO opens the device (an open of its block device, until disconnect); INFO only
-                // looks.
-                let (handle, size, read_only) = if opt == OPT_GO {
-                    match io.open(&name) {
-                        Some(h) => {
-                            let (s, ro) = (h.size(), h.read_only());
-                            (Some(h), s, ro)
-                        }
-                        None => {
-                            rep.error(opt, REP_ERR_UNKNOWN, &format!("no active device named {name:?}"))?;
-                            continue;
-                        }
-                    }
-                } else {
-                    match io.active_devices().into_iter().find(|d| d.name == name) {
-                        Some(d) => (None, d.size, d.read_only),
-                        None => {
-                            rep.error(opt, REP_ERR_UNKNOWN, &format!("no active device named {name:?}"))?;
-                            continue;
-                        }
-                    }
-                };
-                let flags = transmission_flags(read_only, structured);
-                let mut export = [0u8; 12];
-                export[0..2].copy_from_slice(&INFO_EXPORT.to_be_bytes());
-                export[2..10].copy_from_slice(&size.to_be_bytes());
-                export[10..12].copy_from_slice(&flags.to_be_bytes());
-                rep.info(opt, &export)?;
-                // Sent whether asked or not (proto.md allows it): these are the protocol's
-                // defaults, so clients that ignore them lose nothing.
-                let mut bs = [0u8; 14];
-                bs[0..2].copy_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-                bs[2..6].copy_from_slice(&MIN_BLOCK.to_be_bytes());
-                bs[6..10].copy_from_slice(&PREFERRED_BLOCK.to_be_bytes());
-                bs[10..14].copy_from_slice(&MAX_PAYLOAD.to_be_bytes());
-                rep.info(opt, &bs)?;
-                if wanted.contains(&INFO_NAME) {
-                    let mut d = INFO_NAME.to_be_bytes().to_vec();
-                    d.extend_from_slice(name.as_bytes());
-                    rep.info(opt, &d)?;
-                }
-                if wanted.contains(&INFO_DESCRIPTION) {
-                    let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
-                    d.extend_from_slice(format!("dmemu device-mapper device {name}").as_bytes());
-                    rep.info(opt, &d)?;
-                }
-                rep.ack(opt)?;
-                if let Some(handle) = handle {
-                    let meta = meta_for.as_deref() == Some(name.as_str());
-                    return Ok(Some(Export { handle, size, flags, structured, meta }));
-                }
-            }
-            _ => rep.error(opt, REP_ERR_UNSUP, &format!("option {opt} is not supported"))?,
+    /// Whether base:allocation was selected for the export the client goes to.
+    fn meta_for(&self, name: &str) -> bool {
+        self.meta_for.as_deref() == Some(name)
+    }
+
+    /// NBD_OPT_EXPORT_NAME: no error reply exists for it, so an unknown export ends the session
+    /// (proto.md "Option types").
+    fn export_name(&self, data: &[u8]) -> io::Result<Step> {
+        let name = String::from_utf8_lossy(data).into_owned();
+        let Some(handle) = self.io.open(&name) else {
+            return Err(invalid(format!("NBD_OPT_EXPORT_NAME for unknown export {name:?}")));
+        };
+        let size = handle.size();
+        let flags = transmission_flags(handle.read_only(), self.structured);
+        let mut reply = Vec::with_capacity(10 + 124);
+        reply.extend_from_slice(&size.to_be_bytes());
+        reply.extend_from_slice(&flags.to_be_bytes());
+        if !self.no_zeroes {
+            reply.extend_from_slice(&[0u8; 124]);
         }
+        (&mut &*self.w).write_all(&reply)?;
+        let meta = self.meta_for(&name);
+        Ok(Step::End(Some(Export { handle, size, flags, structured: self.structured, meta })))
+    }
+
+    fn list(&self, data: &[u8]) -> io::Result<Step> {
+        if !data.is_empty() {
+            self.rep.error(OPT_LIST, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
+            return Ok(Step::Next);
+        }
+        for (name, _) in self.io.active() {
+            let mut d = Vec::with_capacity(4 + name.len());
+            d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            d.extend_from_slice(name.as_bytes());
+            self.rep.send(OPT_LIST, REP_SERVER, &d)?;
+        }
+        self.rep.ack(OPT_LIST)?;
+        Ok(Step::Next)
+    }
+
+    fn structured_reply(&mut self, data: &[u8]) -> io::Result<Step> {
+        if !data.is_empty() {
+            self.rep.error(OPT_STRUCTURED_REPLY, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")?;
+            return Ok(Step::Next);
+        }
+        self.structured = true;
+        self.rep.ack(OPT_STRUCTURED_REPLY)?;
+        Ok(Step::Next)
+    }
+
+    /// NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT: the one context is base:allocation.
+    fn meta_context(&mut self, opt: u32, data: &[u8]) -> io::Result<Step> {
+        let list = opt == OPT_LIST_META_CONTEXT;
+        if !self.structured {
+            // proto.md: metadata contexts need structured replies to be usable.
+            self.rep.error(opt, REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")?;
+            return Ok(Step::Next);
+        }
+        let Some((name, queries)) = parse_meta_request(data) else {
+            self.rep.error(opt, REP_ERR_INVALID, "malformed metadata context request")?;
+            return Ok(Step::Next);
+        };
+        if !self.io.active().iter().any(|(n, _)| *n == name) {
+            self.rep.error(opt, REP_ERR_UNKNOWN, &format!("no active device named {name:?}"))?;
+            return Ok(Step::Next);
+        }
+        // LIST without queries lists every context; SET without queries selects none.
+        let chosen = if queries.is_empty() { list } else { queries.iter().any(|q| meta_query_matches(q, list)) };
+        if !list {
+            self.meta_for = chosen.then(|| name.clone());
+        }
+        if chosen {
+            let mut d = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+            d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+            self.rep.send(opt, REP_META_CONTEXT, &d)?;
+        }
+        self.rep.ack(opt)?;
+        Ok(Step::Next)
+    }
+
+    /// NBD_OPT_INFO and NBD_OPT_GO: GO opens the device (an open of its block device, until
+    /// disconnect) and enters transmission; INFO only looks.
+    fn info_or_go(&self, opt: u32, data: &[u8]) -> io::Result<Step> {
+        let Some((name, wanted)) = parse_info_request(data) else {
+            self.rep.error(opt, REP_ERR_INVALID, "malformed NBD_OPT_INFO/NBD_OPT_GO")?;
+            return Ok(Step::Next);
+        };
+        let found = if opt == OPT_GO {
+            self.io.open(&name).map(|h| (h.size(), h.read_only(), Some(h)))
+        } else {
+            self.io.active_devices().into_iter().find(|d| d.name == name).map(|d| (d.size, d.read_only, None))
+        };
+        let Some((size, read_only, handle)) = found else {
+            self.rep.error(opt, REP_ERR_UNKNOWN, &format!("no active device named {name:?}"))?;
+            return Ok(Step::Next);
+        };
+        let flags = transmission_flags(read_only, self.structured);
+        let mut export = [0u8; 12];
+        export[0..2].copy_from_slice(&INFO_EXPORT.to_be_bytes());
+        export[2..10].copy_from_slice(&size.to_be_bytes());
+        export[10..12].copy_from_slice(&flags.to_be_bytes());
+        self.rep.info(opt, &export)?;
+        // Sent whether asked or not (proto.md allows it): these are the protocol's defaults, so
+        // clients that ignore them lose nothing.
+        let mut bs = [0u8; 14];
+        bs[0..2].copy_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        bs[2..6].copy_from_slice(&MIN_BLOCK.to_be_bytes());
+        bs[6..10].copy_from_slice(&PREFERRED_BLOCK.to_be_bytes());
+        bs[10..14].copy_from_slice(&MAX_PAYLOAD.to_be_bytes());
+        self.rep.info(opt, &bs)?;
+        if wanted.contains(&INFO_NAME) {
+            let mut d = INFO_NAME.to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
+            self.rep.info(opt, &d)?;
+        }
+        if wanted.contains(&INFO_DESCRIPTION) {
+            let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+            d.extend_from_slice(format!("dmemu device-mapper device {name}").as_bytes());
+            self.rep.info(opt, &d)?;
+        }
+        self.rep.ack(opt)?;
+        Ok(match handle {
+            Some(handle) => {
+                let meta = self.meta_for(&name);
+                Step::End(Some(Export { handle, size, flags, structured: self.structured, meta }))
+            }
+            None => Step::Next,
+        })
     }
 }
 

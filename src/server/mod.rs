@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::dm::{Command, DevKey, DevNum, DmError, Engine, EngineConfig, Reply, Request};
+use crate::dm::{Command, DevKey, DevNum, DmError, DmResult, Engine, EngineConfig, Reply, Request};
 use crate::io::DataPlane;
 use crate::ioctl::linux;
 pub use crate::ioctl::netbsd::NetbsdErrors;
@@ -361,7 +361,9 @@ impl Daemon {
         self.io.drain(minor, opts.noflush);
     }
 
-    /// One ioctl: decode, run, encode. `None` means the client went away mid-wait.
+    /// One ioctl, in the kernel's order (dm-ioctl.c `ctl_ioctl`): check and validate the buffer
+    /// (decode), check the caller's privilege, handle the command, copy the reply out (encode).
+    /// `None` means the client went away while its DM_DEV_WAIT slept.
     fn ioctl(
         &self,
         stream: &mut UnixStream,
@@ -370,9 +372,49 @@ impl Daemon {
         buf: &[u8],
         privileged: bool,
     ) -> io::Result<Option<linux::Encoded>> {
-        let mut decoded = match linux::decode(request, buf) {
-            Ok(linux::Decoded::Version) => return Ok(Some(linux::encode_version())),
-            Ok(linux::Decoded::Command(d)) => d,
+        let mut decoded = match self.decode(request, buf) {
+            Ok(d) => d,
+            Err(refusal) => return Ok(Some(refusal)),
+        };
+        let cmd_name = linux::command_name(decoded.nr);
+        if decoded.request.command.mutates() && !privileged {
+            tracing::info!("{cmd_name} refused: caller is not privileged");
+            return Ok(Some(decoded.encode_error(&DmError::Access)));
+        }
+        self.drain_before(&decoded.request.command);
+        let st = self.lock();
+        let before = st.engine.global_event();
+        let (st, woken_by_removal) = match self.dev_wait(stream, st, &mut decoded)? {
+            WaitEnd::Run(st) => (st, None),
+            WaitEnd::Removed(st, reply) => (st, Some(reply)),
+            WaitEnd::Cancelled => return Ok(Some(decoded.encode_error(&DmError::Interrupted))),
+            WaitEnd::Gone => return Ok(None),
+        };
+        if matches!(decoded.request.command, Command::ArmPoll) {
+            let mut p = conn.poll.lock().unwrap_or_else(|p| p.into_inner());
+            *p = PollState { armed: true, saved: before, sent: false };
+        }
+        let (result, after) = self.handle(st, &mut decoded, woken_by_removal);
+        if after != before {
+            self.broadcast_events(after);
+        }
+        Ok(Some(match result {
+            Ok(reply) => {
+                tracing::debug!("{cmd_name} ok");
+                linux::encode(&reply, &decoded)
+            }
+            Err(e) => {
+                tracing::info!("{cmd_name} failed: {e}");
+                decoded.encode_error(&e)
+            }
+        }))
+    }
+
+    /// Check and validate: the buffer decoded into a command, or the encoded refusal.
+    fn decode(&self, request: u64, buf: &[u8]) -> Result<linux::DecodedIoctl, linux::Encoded> {
+        match linux::decode(request, buf) {
+            Ok(linux::Decoded::Version) => Err(linux::encode_version()),
+            Ok(linux::Decoded::Command(d)) => Ok(d),
             Err(e) => {
                 // The kernel looks the device up before parsing some payloads: a missing device
                 // then wins with ENXIO.
@@ -381,65 +423,58 @@ impl Daemon {
                     _ => e.error.clone(),
                 };
                 tracing::info!("ioctl {request:#x} refused: {e}");
-                return Ok(Some(linux::encode_error(request, buf, &err)));
+                Err(linux::encode_error(request, buf, &err))
             }
-        };
-        let cmd_name = crate::ioctl::linux::command_name(decoded.nr);
-        if decoded.request.command.mutates() && !privileged {
-            tracing::info!("{cmd_name} refused: caller is not privileged");
-            return Ok(Some(decoded.encode_error(&DmError::Access)));
         }
-        self.drain_before(&decoded.request.command);
-        let mut st = self.lock();
-        let before = st.engine.global_event();
-        // The kernel looks a waiter's device up once and sleeps on it: a rename or a removal wakes
-        // it with that device's status (linux-dm-abi.md §2.4, §2.9), whatever its name is now.
-        let mut woken_by_removal = None;
+    }
+
+    /// DM_DEV_WAIT's sleep (any other command runs at once). The kernel looks a waiter's device up
+    /// once and sleeps on it: a rename or a removal wakes it with that device's status
+    /// (linux-dm-abi.md §2.4, §2.9), whatever its name is now. The engine lock is released while
+    /// sleeping; every [`WAIT_SLICE`] the client's socket is checked for a CANCEL or a hang-up.
+    fn dev_wait<'a>(
+        &'a self,
+        stream: &mut UnixStream,
+        mut st: MutexGuard<'a, State>,
+        decoded: &mut linux::DecodedIoctl,
+    ) -> io::Result<WaitEnd<'a>> {
         let qi = decoded.request.query_inactive;
-        if let Command::DevWait { key, event_nr, .. } = &mut decoded.request.command {
-            if let Some(minor) = st.engine.lookup(key) {
-                *key = DevKey::Dev(DevNum::new(st.engine.config().major, minor));
-                let mut last = st.engine.dev_info(minor, qi);
-                loop {
-                    match (st.engine.device(minor), last.take()) {
-                        (None, Some(mut info)) => {
-                            // Removal fired a table event on the live table before the device went.
-                            if info.active_present {
-                                info.event_nr = info.event_nr.wrapping_add(1);
-                            }
-                            woken_by_removal = Some(Reply::Status(info, None));
-                            break;
-                        }
-                        (Some(d), _) if d.event_nr != *event_nr => break,
-                        _ => last = st.engine.dev_info(minor, qi),
+        let Command::DevWait { key, event_nr, .. } = &mut decoded.request.command else {
+            return Ok(WaitEnd::Run(st));
+        };
+        let Some(minor) = st.engine.lookup(key) else {
+            return Ok(WaitEnd::Run(st));
+        };
+        *key = DevKey::Dev(DevNum::new(st.engine.config().major, minor));
+        let mut last = st.engine.dev_info(minor, qi);
+        loop {
+            match (st.engine.device(minor), last.take()) {
+                (None, Some(mut info)) => {
+                    // Removal fired a table event on the live table before the device went.
+                    if info.active_present {
+                        info.event_nr = info.event_nr.wrapping_add(1);
                     }
-                    st = self.events.wait_timeout(st, WAIT_SLICE).unwrap_or_else(|p| p.into_inner()).0;
-                    if readable(stream) {
-                        drop(st);
-                        let mut raw = [0u8; HEADER_LEN];
-                        if stream.read_exact(&mut raw).is_err() {
-                            tracing::warn!("client closed its connection while its DM_DEV_WAIT was pending");
-                            return Ok(None);
-                        }
-                        let (kind, _) = frame::parse_request_header(&raw)
-                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                        if kind != Kind::Cancel {
-                            return Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                "request sent while DM_DEV_WAIT was pending",
-                            ));
-                        }
-                        return Ok(Some(decoded.encode_error(&DmError::Interrupted)));
-                    }
+                    return Ok(WaitEnd::Removed(st, Reply::Status(info, None)));
                 }
+                (Some(d), _) if d.event_nr != *event_nr => return Ok(WaitEnd::Run(st)),
+                _ => last = st.engine.dev_info(minor, qi),
+            }
+            st = self.events.wait_timeout(st, WAIT_SLICE).unwrap_or_else(|p| p.into_inner()).0;
+            if readable(stream) {
+                drop(st);
+                return wait_interrupted(stream);
             }
         }
-        if matches!(decoded.request.command, Command::ArmPoll) {
-            let mut p = conn.poll.lock().unwrap_or_else(|p| p.into_inner());
-            p.armed = true;
-            p.saved = before;
-            p.sent = false;
-        }
+    }
+
+    /// Handle: runs the command in the engine (or answers a removed waiter), then brings sysfs and
+    /// the data plane in line. Returns the result and the global event counter after it.
+    fn handle(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        decoded: &mut linux::DecodedIoctl,
+        woken_by_removal: Option<Reply>,
+    ) -> (DmResult<Reply>, u64) {
         let mutates = decoded.request.command.mutates();
         // Move the command out (a table load can hold a million lines); encoding needs only the
         // header and input bytes.
@@ -460,20 +495,35 @@ impl Daemon {
             // SAFETY: malloc_trim has no preconditions.
             unsafe { libc::malloc_trim(0) };
         }
-        if after != before {
-            self.broadcast_events(after);
-        }
-        Ok(Some(match result {
-            Ok(reply) => {
-                tracing::debug!("{cmd_name} ok");
-                linux::encode(&reply, &decoded)
-            }
-            Err(e) => {
-                tracing::info!("{cmd_name} failed: {e}");
-                decoded.encode_error(&e)
-            }
-        }))
+        (result, after)
     }
+}
+
+/// How a DM_DEV_WAIT's sleep ended.
+enum WaitEnd<'a> {
+    /// Not a wait, or the event number moved, or no such device: run the command.
+    Run(MutexGuard<'a, State>),
+    /// The device was removed while its waiter slept: this is the answer.
+    Removed(MutexGuard<'a, State>, Reply),
+    /// The client sent CANCEL (a signal interrupted its ioctl): EINTR.
+    Cancelled,
+    /// The client hung up.
+    Gone,
+}
+
+/// The client spoke while its DM_DEV_WAIT slept: a CANCEL, a hang-up, or a protocol error (a
+/// connection has one request in flight at a time).
+fn wait_interrupted<'a>(stream: &mut UnixStream) -> io::Result<WaitEnd<'a>> {
+    let mut raw = [0u8; HEADER_LEN];
+    if stream.read_exact(&mut raw).is_err() {
+        tracing::warn!("client closed its connection while its DM_DEV_WAIT was pending");
+        return Ok(WaitEnd::Gone);
+    }
+    let (kind, _) = frame::parse_request_header(&raw)?;
+    if kind != Kind::Cancel {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "request sent while DM_DEV_WAIT was pending"));
+    }
+    Ok(WaitEnd::Cancelled)
 }
 
 /// Picks block majors the real /proc/devices does not list, from 254 down as Linux allocates
