@@ -9,7 +9,7 @@ use super::device::Device;
 use super::error::{DmError, DmResult};
 use super::pdev::{DeviceResolver, Pdev, PdevKind, PdevRegistry};
 use super::table::Table;
-use super::target::{split_args, BuildEnv, PageTableUpload, TargetRegistry};
+use super::target::{split_args, BuildEnv, Target, TargetRegistry};
 use super::types::*;
 use crate::invalid;
 
@@ -452,20 +452,21 @@ impl Engine {
         Ok(Reply::Message(self.info(m, qi), out))
     }
 
-    /// The RFC dm-switch page-table upload (`IpcPgTable`, docs/protocols.md): the device is found
-    /// by number and the upload goes to the first target that takes page tables, in the live
-    /// table, else in the inactive one (the seed's context list holds every constructed switch,
-    /// oldest first). `NoDevice` when there is no such device or target.
-    pub fn switch_upload(&self, dev: DevNum, upload: &PageTableUpload) -> DmResult<()> {
-        let missing = || DmError::NoDevice(dev.to_string());
-        let d = self.devices.get(&dev.minor).filter(|_| dev.major == self.cfg.major).ok_or_else(missing)?;
-        d.live
+    /// The extension point for targets with a control path of their own (the dm-switch
+    /// page-table upload): the targets of concrete type `T` of device `dev`, in the live table,
+    /// then in the inactive one. `NoDevice` when no such device exists.
+    pub fn targets_of<T: Target>(&self, dev: DevNum) -> DmResult<impl Iterator<Item = &T>> {
+        let d = self
+            .devices
+            .get(&dev.minor)
+            .filter(|_| dev.major == self.cfg.major)
+            .ok_or_else(|| DmError::NoDevice(dev.to_string()))?;
+        Ok(d.live
             .as_deref()
             .into_iter()
             .chain(d.inactive.as_ref())
             .flat_map(|t| t.targets())
-            .find_map(|t| t.target.upload_page_table(upload))
-            .unwrap_or_else(|| Err(missing()))
+            .filter_map(|t| (t.target.as_ref() as &dyn std::any::Any).downcast_ref::<T>()))
     }
 
     /// Messages to the device core rather than a target (linux-dm-abi.md §2.7).

@@ -1,7 +1,7 @@
 //! A table: ordered targets covering sectors 0..size without gaps (NetBSD's dm_table.c,
 //! Linux's dm-table.c).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::command::{TargetSpec, TargetStatus};
@@ -72,10 +72,10 @@ impl Table {
         }
         // Distinct devices, first use last (head insertion order).
         let mut devices: Vec<Arc<Pdev>> = Vec::new();
-        let mut seen: HashMap<DevNum, ()> = HashMap::new();
+        let mut seen: HashSet<DevNum> = HashSet::new();
         for t in &targets {
             t.target.iterate_devices(t.len, &mut |p, _, _| {
-                if seen.insert(p.dev, ()).is_none() {
+                if seen.insert(p.dev) {
                     devices.push(p.clone());
                 }
             });

@@ -1,6 +1,7 @@
 //! The target interface (Linux's `struct target_type`, NetBSD's dm_target.c) and the registry of
 //! target types with their versions.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -9,19 +10,26 @@ use super::pdev::{DeviceResolver, Identity, Pdev, PdevRegistry};
 use super::types::{DevNum, Sectors, StatusType};
 use crate::invalid;
 
-/// Where a piece of IO goes (the data plane calls [`Target::map`]).
+/// Where a stretch of a device goes, as far as one target maps it contiguously. Targets answer
+/// [`Target::map`] in sectors (`U` = [`Sectors`]); the data plane carries the same answer in bytes
+/// (`U` = `u64`) once a request that need not start on a sector boundary is mapped.
 #[derive(Debug)]
-pub enum Mapping<'a> {
-    /// Send it to `dev` at `sector`; at most `max_len` sectors from here map contiguously.
-    Remap { dev: &'a Arc<Pdev>, sector: Sectors, max_len: Sectors },
-    /// Reads return zeroes, writes are dropped (`zero`).
-    Zero,
-    /// The IO fails (`error`).
-    Fail,
+pub enum Mapping<'a, U = Sectors> {
+    /// `len` units at `at` of `dev`.
+    Remap { dev: &'a Arc<Pdev>, at: U, len: U },
+    /// `len` units that read as zeroes and swallow writes (`zero`).
+    Zero(U),
+    /// `len` units where IO fails (`error`).
+    Fail(U),
 }
 
 /// One constructed target instance in a table.
-pub trait Target: Send + Sync {
+///
+/// A target with a control path of its own beside table, status and messages (the dm-switch
+/// page-table upload) is reached through [`Engine::targets_of`](super::Engine::targets_of), which
+/// finds a device's targets of one concrete type: `Any` is the whole extension point, so no such
+/// path adds a method here.
+pub trait Target: Any + Send + Sync {
     /// Status text (INFO = `dmsetup status`, TABLE = `dmsetup table`, IMA).
     fn status(&self, kind: StatusType, noflush: bool) -> String;
 
@@ -34,36 +42,13 @@ pub trait Target: Send + Sync {
     /// `iterate_devices`; used for range validation.
     fn iterate_devices(&self, len: Sectors, f: &mut dyn FnMut(&Arc<Pdev>, Sectors, Sectors));
 
-    /// Maps `offset` (sectors from the target's start) for IO.
+    /// Maps `len` sectors at `offset` (from the target's start) for IO: where they go, for at
+    /// most `len` sectors (less where the target's mapping stops being contiguous).
     fn map(&self, offset: Sectors, len: Sectors) -> Mapping<'_>;
 
     fn presuspend(&self, _noflush: bool) {}
     fn postsuspend(&self) {}
     fn resume(&self) {}
-
-    /// The RFC dm-switch page-table upload (docs/protocols.md). `None`: this target does not take
-    /// page tables (the engine looks further); `Some(result)`: it handled the upload.
-    fn upload_page_table(&self, _upload: &PageTableUpload) -> Option<DmResult<()>> {
-        None
-    }
-}
-
-/// One `IpcPgTable` message of the RFC dm-switch upload (seed 000) after its wire checks (too
-/// short, too many entries, invalid mask, incomplete), as a target receives it. `entries` holds
-/// exactly the message's 32-bit words: `page_count` entries of `pte_bits` bits, `32 / pte_bits` per
-/// word from the least significant bits up.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PageTableUpload {
-    pub userland: [u32; 2],
-    pub page_total: u32,
-    pub page_offset: u32,
-    pub page_count: u32,
-    /// Carried but not checked, as in the seed.
-    pub page_size: u32,
-    pub dev_count: u16,
-    /// 1..=32.
-    pub pte_bits: u8,
-    pub entries: Vec<u32>,
 }
 
 /// What building one table needs from the engine: the pdev registry, the outside world, and

@@ -108,8 +108,8 @@ fn striped_maps_chunks_round_robin() {
     let live = dev.live.clone().unwrap();
     let t = &live.targets()[0];
     match t.target.map(Sectors(9), Sectors(100)) {
-        target::Mapping::Remap { dev, sector, max_len } => {
-            assert_eq!((dev.dev.minor, sector.0, max_len.0), (1, 17, 7));
+        target::Mapping::Remap { dev, at, len } => {
+            assert_eq!((dev.dev.minor, at.0, len.0), (1, 17, 7));
         }
         m => panic!("{m:?}"),
     }

@@ -330,11 +330,11 @@ impl DataPlane {
         let mut done = 0u64;
         while done < len {
             done += match piece(&pass.table, offset + done, len - done)? {
-                Piece::Remap { pdev, at, len: n } => {
+                Mapping::Remap { dev: pdev, at, len: n } => {
                     self.pdev_io(pdev, op, at, buf.slice(done, n), nowait)?;
                     n
                 }
-                Piece::Zero(n) => {
+                Mapping::Zero(n) => {
                     match (op, buf.slice(done, n)) {
                         (Op::Read, b) => b.zero(),
                         // Swallowed, but a piped payload is still taken off the pipe.
@@ -343,7 +343,7 @@ impl DataPlane {
                     }
                     n
                 }
-                Piece::Fail(_) => return Err(IoError::Failed),
+                Mapping::Fail(_) => return Err(IoError::Failed),
             };
         }
         if matches!(op, Op::Write { fua: true } | Op::WriteZeroes { fua: true }) {
@@ -395,7 +395,7 @@ impl DataPlane {
         while done < len && out.len() <= max && *budget > 0 {
             *budget -= 1;
             done += match piece(&pass.table, offset + done, len - done)? {
-                Piece::Remap { pdev, at, len: n } => {
+                Mapping::Remap { dev: pdev, at, len: n } => {
                     match pdev.kind {
                         PdevKind::Dm { minor } => {
                             let lower = self.device(minor).ok_or(IoError::NoDevice)?;
@@ -405,12 +405,12 @@ impl DataPlane {
                     }
                     n
                 }
-                Piece::Zero(n) => {
+                Mapping::Zero(n) => {
                     push_extent(out, Extent { len: n, hole: true, zero: true });
                     n
                 }
                 // Reads fail there, but the blocks are not known to be unallocated or zero.
-                Piece::Fail(n) => {
+                Mapping::Fail(n) => {
                     push_extent(out, Extent { len: n, hole: false, zero: false });
                     n
                 }
@@ -436,28 +436,18 @@ impl DataPlane {
     }
 }
 
-/// Where the bytes of a device from one position on go, as far as one target maps them
-/// contiguously: `len` bytes at `at` of `pdev`, or (the zero and error targets) nowhere.
-enum Piece<'t> {
-    Remap { pdev: &'t Pdev, at: u64, len: u64 },
-    Zero(u64),
-    Fail(u64),
-}
-
-/// The piece of `table` at byte `pos`, at most `left` bytes long.
-fn piece(table: &Table, pos: u64, left: u64) -> IoResult<Piece<'_>> {
+/// Where the bytes of `table` from byte `pos` on go, for at most `left` bytes: the target's
+/// [`Mapping`] carried from sectors to bytes.
+fn piece(table: &Table, pos: u64, left: u64) -> IoResult<Mapping<'_, u64>> {
     let t = table.find(Sectors(pos / SECTOR)).ok_or(IoError::Range)?;
     let within = pos - t.start.bytes();
     let want = left.min(t.len.bytes() - within);
     // Targets map in whole sectors; a request that starts mid-sector keeps its offset.
-    Ok(match t.target.map(Sectors(within / SECTOR), Sectors((within % SECTOR + want).div_ceil(SECTOR))) {
-        Mapping::Remap { dev, sector, max_len } => Piece::Remap {
-            pdev: dev,
-            at: sector.bytes() + within % SECTOR,
-            len: want.min(max_len.bytes() - within % SECTOR),
-        },
-        Mapping::Zero => Piece::Zero(want),
-        Mapping::Fail => Piece::Fail(want),
+    let head = within % SECTOR;
+    Ok(match t.target.map(Sectors(within / SECTOR), Sectors((head + want).div_ceil(SECTOR))) {
+        Mapping::Remap { dev, at, len } => Mapping::Remap { dev, at: at.bytes() + head, len: want.min(len.bytes() - head) },
+        Mapping::Zero(_) => Mapping::Zero(want),
+        Mapping::Fail(_) => Mapping::Fail(want),
     })
 }
 

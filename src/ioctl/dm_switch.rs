@@ -10,7 +10,7 @@ use core::mem::{offset_of, size_of};
 
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
-use crate::dm::target::PageTableUpload;
+use crate::targets::switch::PageTableUpload;
 use crate::dm::{DevNum, DmError, DmResult};
 
 /// `MAX_IPC_MSG_LEN`: the largest `IpcPgTable` (the netlink attribute policy's length).

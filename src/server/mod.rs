@@ -261,7 +261,7 @@ impl Daemon {
                     // The RFC dm-switch page-table upload (docs/protocols.md); the engine keeps the
                     // lock only while the new table is built.
                     let reply = crate::ioctl::dm_switch::serve(&payload, privileged, |dev, upload| {
-                        self.lock().engine.switch_upload(dev, upload)
+                        crate::targets::switch::upload(&self.lock().engine, dev, upload)
                     });
                     self.send(conn, Kind::GenlReply, &[&reply])?;
                 }

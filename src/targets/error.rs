@@ -35,7 +35,7 @@ impl Target for ErrorTarget {
             f(dev, *start, len)
         }
     }
-    fn map(&self, _offset: Sectors, _len: Sectors) -> Mapping<'_> {
-        Mapping::Fail
+    fn map(&self, _offset: Sectors, len: Sectors) -> Mapping<'_> {
+        Mapping::Fail(len)
     }
 }

@@ -39,6 +39,6 @@ impl Target for Linear {
     }
 
     fn map(&self, offset: Sectors, len: Sectors) -> Mapping<'_> {
-        Mapping::Remap { dev: &self.dev, sector: Sectors(self.offset.0 + offset.0), max_len: len }
+        Mapping::Remap { dev: &self.dev, at: Sectors(self.offset.0 + offset.0), len }
     }
 }

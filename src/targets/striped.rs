@@ -108,6 +108,6 @@ impl Target for Striped {
         let (i, sector) = self.locate(offset.0);
         let (dev, off) = &self.stripes[i];
         let to_chunk_end = self.chunk - offset.0 % self.chunk;
-        Mapping::Remap { dev, sector: Sectors(off.0 + sector), max_len: Sectors(len.0.min(to_chunk_end)) }
+        Mapping::Remap { dev, at: Sectors(off.0 + sector), len: Sectors(len.0.min(to_chunk_end)) }
     }
 }

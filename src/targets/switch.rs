@@ -62,11 +62,39 @@ use std::sync::{Arc, Mutex};
 use arc_swap::{ArcSwapOption, Guard};
 
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{parse_u64, CtorCtx, Mapping, PageTableUpload, Target, TargetType};
-use crate::dm::{DmError, DmResult, Sectors, StatusType};
+use crate::dm::target::{parse_u64, CtorCtx, Mapping, Target, TargetType};
+use crate::dm::{DevNum, DmError, DmResult, Engine, Sectors, StatusType};
 use crate::invalid;
 
 pub static TYPE: TargetType = TargetType { name: "switch", version: [1, 1, 0], ctor };
+
+/// One `IpcPgTable` message of the RFC dm-switch upload after its wire checks (too
+/// short, too many entries, invalid mask, incomplete), as a target receives it. `entries` holds
+/// exactly the message's 32-bit words: `page_count` entries of `pte_bits` bits, `32 / pte_bits` per
+/// word from the least significant bits up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageTableUpload {
+    pub userland: [u32; 2],
+    pub page_total: u32,
+    pub page_offset: u32,
+    pub page_count: u32,
+    /// Carried but not checked, as in the seed.
+    pub page_size: u32,
+    pub dev_count: u16,
+    /// 1..=32.
+    pub pte_bits: u8,
+    pub entries: Vec<u32>,
+}
+
+/// The RFC upload's route to its switch (the seed's context list holds every constructed switch,
+/// oldest first): the device is found by number and the upload goes to its first RFC-form switch,
+/// in the live table, else in the inactive one. `NoDevice` when there is no such device or target.
+pub fn upload(engine: &Engine, dev: DevNum, upload: &PageTableUpload) -> DmResult<()> {
+    engine
+        .targets_of::<Switch>(dev)?
+        .find_map(|sw| sw.upload_page_table(upload))
+        .unwrap_or_else(|| Err(DmError::NoDevice(dev.to_string())))
+}
 
 /// Upstream's path limit: `(KMALLOC_MAX_SIZE − sizeof(switch_ctx)) / sizeof(switch_path)` with a
 /// 4 MiB KMALLOC_MAX_SIZE (linux-dm-abi.md §3.4).
@@ -516,6 +544,12 @@ impl Switch {
         Ok(())
     }
 
+    /// The RFC upload, after the wire checks and the device lookup. `None`: this switch is of the
+    /// upstream form, which takes no page tables.
+    pub fn upload_page_table(&self, upload: &PageTableUpload) -> Option<DmResult<()>> {
+        (self.form == Form::Rfc).then(|| self.upload(upload))
+    }
+
     /// The seed's `get_page_tbl` after the device lookup.
     fn upload(&self, u: &PageTableUpload) -> DmResult<()> {
         let mut spare = self.writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -673,14 +707,11 @@ impl Target for Switch {
         let (dev, start) = &self.paths[path];
         Mapping::Remap {
             dev,
-            sector: Sectors(start.0.wrapping_add(offset.0)),
-            max_len: Sectors(len.0.min(self.to_region_end(offset.0))),
+            at: Sectors(start.0.wrapping_add(offset.0)),
+            len: Sectors(len.0.min(self.to_region_end(offset.0))),
         }
     }
 
-    fn upload_page_table(&self, upload: &PageTableUpload) -> Option<DmResult<()>> {
-        (self.form == Form::Rfc).then(|| self.upload(upload))
-    }
 }
 
 #[cfg(test)]

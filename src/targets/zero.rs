@@ -24,7 +24,7 @@ impl Target for Zero {
         String::new()
     }
     fn iterate_devices(&self, _len: Sectors, _f: &mut dyn FnMut(&Arc<Pdev>, Sectors, Sectors)) {}
-    fn map(&self, _offset: Sectors, _len: Sectors) -> Mapping<'_> {
-        Mapping::Zero
+    fn map(&self, _offset: Sectors, len: Sectors) -> Mapping<'_> {
+        Mapping::Zero(len)
     }
 }

@@ -39,7 +39,7 @@ fn regions(sw: &Switch) -> Vec<usize> {
 
 fn remap(m: Mapping<'_>) -> (u32, u64, u64) {
     match m {
-        Mapping::Remap { dev, sector, max_len } => (dev.dev.minor, sector.0, max_len.0),
+        Mapping::Remap { dev, at, len } => (dev.dev.minor, at.0, len.0),
         m => panic!("{m:?}"),
     }
 }
