@@ -1,5 +1,5 @@
 //! The `switch` target through the real dmsetup (both constructor forms), the RFC's binary
-//! `IpcPgTable` upload on the control socket (every check of the seed's `get_page_tbl`), and
+//! `IpcPgTable` upload on the control socket (every check of the RFC's `get_page_tbl`), and
 //! `dmemu switch upload`.
 
 mod common;
@@ -87,7 +87,7 @@ fn rfc_form_create_table_status_upload() {
     );
     assert_eq!(d.dmsetup(&["status", "rfc"]).ok(), status("00c0ffee", "00000007"));
     assert_eq!(d.dmsetup(&["table", "rfc"]).ok(), format!("0 2048 switch 3 64 {} 0 {} 8 {} 0\n", n[0], n[1], n[2]));
-    // A new table starts without a page table (the seed's context is per constructed target).
+    // A new table starts without a page table (the RFC's context is per constructed target).
     d.dmsetup(&["reload", "rfc", "--table", &table]).ok();
     d.dmsetup(&["resume", "rfc"]).ok();
     assert_eq!(d.dmsetup(&["status", "rfc"]).ok(), status("00000000", "00000000"));

@@ -447,8 +447,8 @@ impl Engine {
         };
         let t = live.find(sector).ok_or_else(|| invalid!("message sector {sector} beyond device"))?;
         let out = t.target.message(&argv)?;
-        // A target message may raise a table event (e.g. multipath path changes); targets report
-        // those through their own hooks in later issues.
+        // A message that changes a target's state (a multipath path failing, say) raises a table
+        // event in the kernel; no target here does so yet, so the event number stays.
         Ok(Reply::Message(self.info(m, qi), out))
     }
 

@@ -1,4 +1,4 @@
-//! The RFC dm-switch page-table upload (seed 000) as it travels on the control socket: the seed's
+//! The RFC dm-switch page-table upload (the 2011 Dell EqualLogic patch) as it travels on the control socket: the RFC's
 //! `IpcPgTable` request and `IpcResponse` answer, inside a generic-netlink message of family
 //! `"DM_SWITCH"`, command `GET_PAGE_TBL` (framing: docs/protocols.md). Pure functions — bytes in,
 //! bytes out; the engine is reached through a closure.
@@ -88,7 +88,7 @@ pub struct NlMsgErr {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct IpcPgTable {
-    /// Total length of this message (carried, not checked, as in the seed).
+    /// Total length of this message (carried, not checked, as in the RFC).
     pub total_len: u32,
     pub opcode: u32,
     /// Userland data shown by `dmsetup status`.
@@ -101,7 +101,7 @@ pub struct IpcPgTable {
     pub page_offset: u32,
     /// Entries in this message.
     pub page_count: u32,
-    /// Page size in sectors (carried, not checked, as in the seed).
+    /// Page size in sectors (carried, not checked, as in the RFC).
     pub page_size: u32,
     pub dev_count: u16,
     /// Entry width in bits.
@@ -118,7 +118,7 @@ pub struct IpcResponse {
     pub userland: [u32; 2],
     pub dev_major: u32,
     pub dev_minor: u32,
-    /// 0, or a positive errno (`EINVAL` for every refusal, as in the seed).
+    /// 0, or a positive errno (`EINVAL` for every refusal, as in the RFC).
     pub status: u32,
     pub err_str: [u8; MAX_ERR_STR_LEN + 1],
 }
@@ -165,14 +165,14 @@ fn read_padded<T: FromBytes + IntoBytes + FromZeros>(b: &[u8]) -> T {
 
 const INVALID_MSG: &str = "Invalid Page Table message";
 
-/// The seed's checks on the message itself, in its order: too short, too many entries, invalid
+/// The RFC's checks on the message itself, in its order: too short, too many entries, invalid
 /// mask, incomplete. Returns the device and the upload, or the `err_str`.
 ///
-/// Corrections of evident slips, all in the seed's own words: lengths are those of the
-/// `IpcPgTable` (the seed compared `nla_len`, which includes the 4-byte attribute header, with
+/// Corrections of evident slips, all in the RFC's own words: lengths are those of the
+/// `IpcPgTable` (the RFC compared `nla_len`, which includes the 4-byte attribute header, with
 /// `sizeof(IpcPgTable_t) - 1`); the sums are computed without 32-bit wrap-around; `pte_bits` of 0
-/// (a division by zero in the seed) or over 32 and a device count of 0 are invalid masks; the
-/// "incomplete message" text loses the seed's typo ("messsage").
+/// (a division by zero in the RFC) or over 32 and a device count of 0 are invalid masks; the
+/// "incomplete message" text loses the RFC's typo ("messsage").
 pub fn check_page_table(msg: &[u8]) -> Result<(DevNum, PageTableUpload), String> {
     if msg.len() < IPC_PG_TABLE_LEN {
         return Err(format!("{INVALID_MSG}: too short ({})", msg.len()));
@@ -209,7 +209,7 @@ pub fn check_page_table(msg: &[u8]) -> Result<(DevNum, PageTableUpload), String>
 
 /// The `IpcResponse` to a request (its header zero-extended if short): userland words and device
 /// echoed, `status` 0 or `EINVAL`, `err_str` NUL-terminated and cut to 255 bytes (all zero on
-/// success; the seed left it uninitialised).
+/// success; the RFC left it uninitialised).
 pub fn response(msg: &[u8], err: Option<&str>) -> IpcResponse {
     let h: IpcPgTable = read_padded(msg);
     let mut r = IpcResponse {
@@ -236,7 +236,7 @@ impl IpcResponse {
     }
 }
 
-/// The seed's `get_page_tbl`: the message checks, then `upload` (the engine: device lookup and the
+/// The RFC's `get_page_tbl`: the message checks, then `upload` (the engine: device lookup and the
 /// table checks), answered with an `IpcResponse` whatever happens.
 pub fn get_page_tbl(msg: &[u8], upload: impl FnOnce(DevNum, &PageTableUpload) -> DmResult<()>) -> IpcResponse {
     let err = match check_page_table(msg) {
@@ -304,9 +304,9 @@ pub fn parse_attrs(mut b: &[u8]) -> Option<Vec<(u16, &[u8])>> {
 }
 
 /// Answers one GENL frame: exactly one netlink message, what the kernel's netlink and
-/// generic-netlink layers would do with it, then the seed's `get_page_tbl`. Returns the netlink
+/// generic-netlink layers would do with it, then the RFC's `get_page_tbl`. Returns the netlink
 /// messages of the reply, concatenated (possibly none: a non-request without `NLM_F_ACK`).
-/// `privileged` callers may upload (as with `GENL_ADMIN_PERM`; the seed's op had no permission
+/// `privileged` callers may upload (as with `GENL_ADMIN_PERM`; the RFC's op had no permission
 /// flag); `upload` runs an upload that passed the message checks.
 pub fn serve(frame: &[u8], privileged: bool, upload: impl FnOnce(DevNum, &PageTableUpload) -> DmResult<()>) -> Vec<u8> {
     let req: NlMsgHdr = read_padded(frame);
@@ -357,14 +357,14 @@ pub fn serve(frame: &[u8], privileged: bool, upload: impl FnOnce(DevNum, &PageTa
         }
         // The attribute policy: NLA_BINARY of at most MAX_IPC_MSG_LEN.
         let Some((_, body)) = attrs.iter().find(|(t, _)| *t == NETLINK_ATTR_MSG) else {
-            // The seed logged and sent nothing, leaving the caller waiting; answer instead.
+            // The RFC logged and sent nothing, leaving the caller waiting; answer instead.
             return ack(libc::EINVAL);
         };
         if body.len() > MAX_IPC_MSG_LEN {
             return ack(libc::ERANGE);
         }
         let resp = get_page_tbl(body, upload);
-        // The seed put the response under attribute type NLA_BINARY (a policy constant, 11); it
+        // The RFC put the response under attribute type NLA_BINARY (a policy constant, 11); it
         // plainly meant its only attribute, NETLINK_ATTR_MSG.
         genl_message(
             FAMILY_ID,
@@ -517,7 +517,7 @@ mod tests {
     }
 
     #[test]
-    fn the_seed_checks_run_in_its_order() {
+    fn the_rfc_checks_run_in_its_order() {
         let m = |h: IpcPgTable, words: &[u32]| page_table_message(&h, words);
         let e = |b: &[u8]| check_page_table(b).unwrap_err();
         assert_eq!(e(&[0; 43]), "Invalid Page Table message: too short (43)");

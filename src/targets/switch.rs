@@ -1,5 +1,5 @@
 //! `switch` 1.1.0: each fixed-size region of the device goes to one of N paths, chosen by a packed
-//! page table (seed 000, the Dell EqualLogic dm-switch RFC; upstream `dm-switch.c`,
+//! page table (the Dell EqualLogic dm-switch RFC patch of 2011, never merged; upstream `dm-switch.c`,
 //! linux-dm-abi.md §3.4). Both generations share the name; **the parity of the argument count
 //! tells them apart**:
 //!
@@ -9,7 +9,7 @@
 //! * **even — the RFC**: `<dev_count> <page_size> {<dev> <start>}×dev_count` (2 + 2n words). There is
 //!   no table until the binary `IpcPgTable` upload sends one (docs/protocols.md); until then, and for
 //!   regions the upload has not reached, IO goes to path 0 and counts as unmapped. INFO status is
-//!   the seed's `<n> <maj:min>… 5 A… <userland0> <userland1> <remapped> <unmapped>`.
+//!   the RFC's `<n> <maj:min>… 5 A… <userland0> <userland1> <remapped> <unmapped>`.
 //!
 //! An argument list meant for one form but with a count of the other's parity is parsed (and
 //! refused) as the other form.
@@ -24,7 +24,7 @@
 //! is an immutable snapshot behind an [`ArcSwapOption`], and every change (one message, one upload
 //! chunk) builds a new snapshot and publishes it with one pointer swap. **Why arc-swap rather than
 //! in-place atomic words**: an RFC upload can change the entry width and the table size, and its
-//! metadata (width, valid entry count, total) must change together with the entries — the seed
+//! metadata (width, valid entry count, total) must change together with the entries — the RFC
 //! updated `pte_bits`/`ptbl_num` in place before copying the entries, so a concurrent lookup could
 //! decode old entries with the new width. Per-word atomics cannot publish a new buffer without a
 //! reclamation scheme, and that is what arc-swap is: readers never block or retry, writers never
@@ -38,19 +38,19 @@
 //! lookups (the kernel's RCU read section), which is what a batch of IO should use
 //! (docs/PERFORMANCE.md, "switch").
 //!
-//! ## The RFC upload (`get_page_tbl`), with the seed's evident mistakes corrected
+//! ## The RFC upload (`get_page_tbl`), with the RFC's evident mistakes corrected
 //! * a chunk's entries land at `page_offset…page_offset+page_count` whatever the alignment (the
-//!   seed rounded the start *up* to a whole 32-bit word and copied whole words, misplacing every
+//!   RFC rounded the start *up* to a whole 32-bit word and copied whole words, misplacing every
 //!   chunk that did not start on a word);
-//! * "missing entries" when `page_offset > ptbl_num` (the seed allowed `ptbl_num + 1`, a one-entry
+//! * "missing entries" when `page_offset > ptbl_num` (the RFC allowed `ptbl_num + 1`, a one-entry
 //!   hole);
-//! * an entry equal to the device count is unmapped like any larger one (the seed's `<=` indexed one
+//! * an entry equal to the device count is unmapped like any larger one (the RFC's `<=` indexed one
 //!   past its device list);
-//! * an upload at offset 0 starts a fresh table (the seed reused the buffer when its byte size
+//! * an upload at offset 0 starts a fresh table (the RFC reused the buffer when its byte size
 //!   matched; no entry of the old one is reachable afterwards either way);
 //! * only `min(page_total, regions of the target)` entries are stored: regions past the device are
 //!   never looked up, so a huge `page_total` cannot make the daemon allocate gigabytes;
-//! * the RFC form splits IO at page boundaries too (the seed never set `split_io`).
+//! * the RFC form splits IO at page boundaries too (the RFC never set `split_io`).
 //!
 //! The wire checks (too short, too many entries, invalid mask, incomplete) are the codec's
 //! (`crate::ioctl::dm_switch`); the device lookup is the engine's; the rest is here.
@@ -78,7 +78,7 @@ pub struct PageTableUpload {
     pub page_total: u32,
     pub page_offset: u32,
     pub page_count: u32,
-    /// Carried but not checked, as in the seed.
+    /// Carried but not checked, as in the RFC.
     pub page_size: u32,
     pub dev_count: u16,
     /// 1..=32.
@@ -86,7 +86,7 @@ pub struct PageTableUpload {
     pub entries: Vec<u32>,
 }
 
-/// The RFC upload's route to its switch (the seed's context list holds every constructed switch,
+/// The RFC upload's route to its switch (the RFC's context list holds every constructed switch,
 /// oldest first): the device is found by number and the upload goes to its first RFC-form switch,
 /// in the live table, else in the inactive one. `NoDevice` when there is no such device or target.
 pub fn upload(engine: &Engine, dev: DevNum, upload: &PageTableUpload) -> DmResult<()> {
@@ -101,7 +101,7 @@ pub fn upload(engine: &Engine, dev: DevNum, upload: &PageTableUpload) -> DmResul
 pub const MAX_PATHS: u64 = ((4 << 20) - 40) / 16;
 /// The largest page table dmemu allocates (upstream fails its vmalloc somewhere around here).
 pub const MAX_TABLE_BYTES: u64 = 1 << 30;
-/// The prefix of the seed's upload errors.
+/// The prefix of the RFC's upload errors.
 const INVALID_MSG: &str = "Invalid Page Table message";
 
 /// Entries of `bits` bits packed `64 / bits` to a word, least significant first.
@@ -233,9 +233,9 @@ struct Snapshot {
     /// Regions `< limit` are looked up in the table: the upload's `num` capped at the entries
     /// stored (upstream: every region).
     limit: u64,
-    /// The seed's `ptbl_num`: entries uploaded so far (may exceed what is stored).
+    /// The RFC's `ptbl_num`: entries uploaded so far (may exceed what is stored).
     num: u64,
-    /// The seed's `ptbl_max` (the upload's `page_total`).
+    /// The RFC's `ptbl_max` (the upload's `page_total`).
     total: u32,
     /// The last successful upload's userland words (status).
     userland: [u32; 2],
@@ -245,7 +245,7 @@ struct Snapshot {
 pub enum Form {
     /// dm-switch 1.1.0: odd argument count.
     Upstream,
-    /// The seed's RFC: even argument count.
+    /// The RFC form: even argument count.
     Rfc,
 }
 
@@ -261,7 +261,7 @@ pub struct Switch {
     region_shift: Option<u32>,
     nr_regions: u64,
     table: ArcSwapOption<Snapshot>,
-    /// Serialises changes (the kernel's message mutex / the seed's global spinlock); lookups never
+    /// Serialises changes (the kernel's message mutex / the RFC's global spinlock); lookups never
     /// take it. It holds the spare: a retired snapshot no reader holds any more, overwritten by the
     /// next change instead of allocating (see [`Switch::next_from`]).
     writer: Mutex<Option<Snapshot>>,
@@ -300,7 +300,7 @@ fn upstream_ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Switch>
     Switch::upstream(paths, region_size as u32, ctx.len)
 }
 
-/// The seed's `switch_ctr`, in its order of checks.
+/// The RFC's `switch_ctr`, in its order of checks.
 fn rfc_ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Switch> {
     if argv.len() < 4 {
         return Err(invalid!("switch: Insufficient arguments"));
@@ -320,7 +320,7 @@ fn rfc_ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Switch> {
         let start = sscanf_llu(&pair[1]).ok_or_else(|| invalid!("switch: Invalid device starting offset"))?;
         let dev = ctx.get_device(&pair[0])?;
         // switch_ctr_limits: the target must fit in each device (a device of unknown size — a
-        // dmemu device — passes here, as the seed's "Missing device limits" case does; the
+        // dmemu device — passes here, as the RFC's "Missing device limits" case does; the
         // engine's range check covers it at load or resume).
         if dev.size.0 > 0 && ctx.len > dev.size {
             return Err(invalid!("switch: Device too small for target"));
@@ -330,7 +330,7 @@ fn rfc_ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Switch> {
     Ok(Switch::rfc(paths, page_size as u32, ctx.len))
 }
 
-/// `sscanf(s, "%llu")` as the seed uses it: an optional `+`, decimal digits, anything after
+/// `sscanf(s, "%llu")` as the RFC uses it: an optional `+`, decimal digits, anything after
 /// ignored. (A `-`, which sscanf would wrap to a huge offset, and overflow are refused.)
 fn sscanf_llu(s: &str) -> Option<u64> {
     let d = s.strip_prefix('+').unwrap_or(s);
@@ -550,7 +550,7 @@ impl Switch {
         (self.form == Form::Rfc).then(|| self.upload(upload))
     }
 
-    /// The seed's `get_page_tbl` after the device lookup.
+    /// The RFC's `get_page_tbl` after the device lookup.
     fn upload(&self, u: &PageTableUpload) -> DmResult<()> {
         let mut spare = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.table.load_full();
@@ -670,7 +670,7 @@ impl Target for Switch {
                 let (remapped, unmapped) = self.counters();
                 let _ = write!(s, " {:08x} {:08x} {remapped} {unmapped}", userland[0], userland[1]);
             }
-            // Upstream INFO and IMA are empty; the seed has no IMA status.
+            // Upstream INFO and IMA are empty; the RFC has no IMA status.
             (_, StatusType::Info | StatusType::Ima) => {}
         }
         s

@@ -186,7 +186,7 @@ fn rfc_upload_checks_and_unaligned_chunks() {
     let want: Vec<u32> = (0..50).map(|i| (i * 7 % 4) as u32).collect();
     upload(&sw, 4, 2, 50, 0, &want[..5]).unwrap();
     upload(&sw, 4, 2, 50, 5, &want[5..23]).unwrap();
-    // A hole of one entry is missing entries (the seed let `ptbl_num + 1` through).
+    // A hole of one entry is missing entries (the RFC let `ptbl_num + 1` through).
     assert_eq!(e(upload(&sw, 4, 2, 50, 24, &want[24..30])), "Invalid Page Table message: missing entries");
     upload(&sw, 4, 2, 50, 23, &want[23..50]).unwrap();
     assert_eq!(regions(&sw)[..50], want.iter().map(|&v| v as usize).collect::<Vec<_>>()[..]);
@@ -194,7 +194,7 @@ fn rfc_upload_checks_and_unaligned_chunks() {
     assert_eq!(e(upload(&sw, 3, 2, 50, 10, &[1])), "Invalid Page Table message: invalid device count 3");
     assert_eq!(e(upload(&sw, 4, 4, 50, 10, &[1])), "Invalid Page Table message: number of bits changed");
     assert_eq!(e(upload(&sw, 4, 2, 60, 10, &[1])), "Invalid Page Table message: total number of entries changed");
-    // Rewriting inside the table: num becomes offset + count, as in the seed.
+    // Rewriting inside the table: num becomes offset + count, as in the RFC.
     upload(&sw, 4, 2, 50, 10, &[3, 3]).unwrap();
     let l = sw.lookup();
     assert_eq!((l.path(11), l.path(12)), ((3, true), (0, false)));
