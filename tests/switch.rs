@@ -5,9 +5,9 @@
 mod common;
 
 use common::{bin, Daemon};
+use dmemu::client::switch::genl;
 use dmemu::client::Client;
 use dmemu::ioctl::dm_switch::{self, IpcPgTable, ReplyMsg, FAMILY_ID, FAMILY_NAME, NLM_F_ACK};
-use dmemu::client::switch::genl;
 
 /// Three 2048-sector backing files; returns their paths and `file_major:minor` names.
 fn three_paths(d: &Daemon) -> (Vec<String>, Vec<String>) {

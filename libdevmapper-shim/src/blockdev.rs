@@ -12,8 +12,8 @@
 //! exists. Elsewhere (`/dev/mapper` under `dmemu exec`, `/dev/dm-N`, unprivileged callers that
 //! cannot mknod) the FUSE file alone decides.
 
-use crate::fds;
 use crate::daemon;
+use crate::fds;
 use crate::paths::BlockPath;
 use crate::stat::FakeStat;
 use crate::sys::{self, set_errno};

@@ -170,4 +170,3 @@ pub fn run(args: SwitchArgs) -> Result {
     );
     Ok(())
 }
-

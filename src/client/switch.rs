@@ -127,8 +127,7 @@ pub fn upload_genl(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<UploadStats, ClientError> {
     let GenlUpload { dev, dev_count, page_size, bits, userland } = *to;
-    let total =
-        u32::try_from(entries.len()).map_err(|_| ClientError::Invalid("more than 2^32-1 regions".into()))?;
+    let total = u32::try_from(entries.len()).map_err(|_| ClientError::Invalid("more than 2^32-1 regions".into()))?;
     let per_chunk = MAX_ENTRY_BYTES / 4 * (32 / bits as usize);
     let t = Instant::now();
     let mut stats = UploadStats::default();

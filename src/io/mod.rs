@@ -445,7 +445,9 @@ fn piece(table: &Table, pos: u64, left: u64) -> IoResult<Mapping<'_, u64>> {
     // Targets map in whole sectors; a request that starts mid-sector keeps its offset.
     let head = within % SECTOR;
     Ok(match t.target.map(Sectors(within / SECTOR), Sectors((head + want).div_ceil(SECTOR))) {
-        Mapping::Remap { dev, at, len } => Mapping::Remap { dev, at: at.bytes() + head, len: want.min(len.bytes() - head) },
+        Mapping::Remap { dev, at, len } => {
+            Mapping::Remap { dev, at: at.bytes() + head, len: want.min(len.bytes() - head) }
+        }
         Mapping::Zero(_) => Mapping::Zero(want),
         Mapping::Fail(_) => Mapping::Fail(want),
     })

@@ -10,8 +10,8 @@ use core::mem::{offset_of, size_of};
 
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
-use crate::targets::switch::PageTableUpload;
 use crate::dm::{DevNum, DmError, DmResult};
+use crate::targets::switch::PageTableUpload;
 
 /// `MAX_IPC_MSG_LEN`: the largest `IpcPgTable` (the netlink attribute policy's length).
 pub const MAX_IPC_MSG_LEN: usize = 65480;

@@ -230,8 +230,7 @@ impl Daemon {
             let Some(raw) = read_header(stream)? else {
                 return Ok(());
             };
-            let (kind, h) =
-                frame::parse_request_header(&raw)?;
+            let (kind, h) = frame::parse_request_header(&raw)?;
             if kind == Kind::Plist && h.len as usize >= crate::ioctl::netbsd::proplib::COPYIN_LIMIT {
                 // proplib refuses before copying in: E2BIG, without holding the plist in memory.
                 io::copy(&mut (&mut *stream).take(h.len as u64), &mut io::sink())?;

@@ -5,10 +5,10 @@
 
 use std::io;
 
-use dmemu_frame::{self as frame, Kind};
 use super::{Conn, Daemon, State};
 use crate::dm::{DevNum, Engine, Reply};
 use crate::ioctl::netbsd::{self, Devices, Found};
+use dmemu_frame::{self as frame, Kind};
 
 /// The lookups NetBSD's `dm_dev_lookup` makes, against the engine's devices.
 impl Devices for Engine {

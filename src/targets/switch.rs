@@ -711,7 +711,6 @@ impl Target for Switch {
             len: Sectors(len.0.min(self.to_region_end(offset.0))),
         }
     }
-
 }
 
 #[cfg(test)]
