@@ -298,7 +298,7 @@ fn maps(sw: &Switch, n: u64, len: u64) -> f64 {
     let mut acc = 0u64;
     let t = Instant::now();
     for _ in 0..n {
-        if let dmemu::dm::target::Mapping::Remap { at: sector, .. } = sw.map(Sectors(next(&mut x, len)), Sectors(8)) {
+        if let dmemu::dm::target::Mapping::Remap { at: sector, .. } = sw.query(Sectors(next(&mut x, len)), Sectors(8)) {
             acc = acc.wrapping_add(sector.0);
         }
     }

@@ -35,6 +35,8 @@ pub struct Device {
     pub read_ahead_kb: u32,
     /// `@stats_*` regions.
     pub stats: Stats,
+    /// The live table's targets have had their `presuspend` for a suspend under way.
+    pub presuspended: bool,
 }
 
 impl Device {
@@ -60,6 +62,7 @@ impl Device {
             queue_initialized: false,
             read_ahead_kb: 128,
             stats: Stats::default(),
+            presuspended: false,
         }
     }
 

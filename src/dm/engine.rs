@@ -12,6 +12,7 @@ use super::table::Table;
 use super::target::{split_args, BuildEnv, Target, TargetRegistry};
 use super::types::*;
 use crate::invalid;
+use crate::io::DataPlane;
 
 /// Engine-wide settings.
 #[derive(Clone, Copy, Debug)]
@@ -32,8 +33,18 @@ pub struct Engine {
     pdevs: PdevRegistry,
     targets: TargetRegistry,
     resolver: Box<dyn DeviceResolver>,
+    /// The data plane whose core services targets get (the daemon's; a detached one otherwise).
+    plane: DataPlane,
     /// Global event counter (§2.9): moves on create/remove/rename, table swaps and device events.
     global_event: u64,
+}
+
+/// The dmemu devices among a table's underlying devices.
+fn dm_minors(devs: &[Arc<Pdev>]) -> impl Iterator<Item = u32> + '_ {
+    devs.iter().filter_map(|p| match p.kind {
+        PdevKind::Dm { minor } => Some(minor),
+        _ => None,
+    })
 }
 
 fn no_device(key: &DevKey) -> DmError {
@@ -50,8 +61,14 @@ impl Engine {
             pdevs: PdevRegistry::new(cfg.major, cfg.file_major),
             targets,
             resolver,
+            plane: DataPlane::detached(),
             global_event: 0,
         }
+    }
+
+    /// Gives targets built from now on the daemon's data plane for their services.
+    pub fn set_data_plane(&mut self, plane: DataPlane) {
+        self.plane = plane;
     }
 
     pub fn config(&self) -> EngineConfig {
@@ -370,10 +387,79 @@ impl Engine {
             return;
         }
         if let Some(t) = &d.live {
-            t.presuspend(opts.noflush);
+            if !std::mem::take(&mut d.presuspended) {
+                t.presuspend(opts.noflush);
+            }
             t.postsuspend();
         }
         d.suspended = true;
+    }
+
+    /// The first step of a suspend, before the data plane drains the device's IO: the live
+    /// table's `presuspend` (`dm_table_presuspend_targets`), for a command that will suspend a
+    /// running device with a live table (DM_DEV_SUSPEND, or a resume that swaps tables). Returns
+    /// the device's minor and whether the suspend is a noflush one.
+    pub fn begin_suspend(&mut self, cmd: &Command) -> Option<(u32, bool)> {
+        let (key, opts, swap) = match cmd {
+            Command::DevSuspend { key, opts } => (key, opts, false),
+            Command::DevResume { key, opts } => (key, opts, true),
+            _ => return None,
+        };
+        let m = self.find(key).ok()?;
+        let d = self.devices.get_mut(&m).expect("found");
+        if d.suspended || (swap && d.inactive.is_none()) {
+            return None;
+        }
+        if let Some(t) = &d.live {
+            if !d.presuspended {
+                t.presuspend(opts.noflush);
+                d.presuspended = true;
+            }
+        }
+        Some((m, opts.noflush))
+    }
+
+    /// A suspend begun with [`Self::begin_suspend`] was abandoned (interrupted while its IO
+    /// drained): the targets' `presuspend_undo`.
+    pub fn abandon_suspend(&mut self, m: u32) {
+        if let Some(d) = self.devices.get_mut(&m) {
+            if std::mem::take(&mut d.presuspended) {
+                if let Some(t) = &d.live {
+                    t.presuspend_undo();
+                }
+            }
+        }
+    }
+
+    /// A table event raised by a target of table `table_id` of device `m` (`dm_table_event`):
+    /// counted only while that table is live. Returns whether it counted.
+    pub fn table_event(&mut self, m: u32, table_id: u64) -> bool {
+        let Some(d) = self.devices.get_mut(&m) else { return false };
+        if d.live.as_ref().is_none_or(|t| t.id() != table_id) {
+            return false;
+        }
+        d.table_event();
+        self.global_event += 1;
+        true
+    }
+
+    /// A table for device `m` that reaches `m` again through the live tables of the devices it
+    /// uses would send IO round in a circle: refused with EINVAL. (The kernel does not look, and
+    /// such IO recurses until the stack runs out; here a device may never depend on itself.)
+    fn refuse_loops(&self, table: &Table, m: u32) -> DmResult<()> {
+        let mut seen = std::collections::HashSet::new();
+        let mut todo: Vec<u32> = dm_minors(table.devices()).collect();
+        while let Some(x) = todo.pop() {
+            if x == m {
+                return Err(invalid!("table would make dm-{m} use itself through the devices below it"));
+            }
+            if seen.insert(x) {
+                if let Some(t) = self.devices.get(&x).and_then(|d| d.live.as_ref()) {
+                    todo.extend(dm_minors(t.devices()));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn size_of(&self, p: &Pdev) -> Sectors {
@@ -389,6 +475,7 @@ impl Engine {
             // Range checks for tables after the first happen at swap (linux-dm-abi.md §2.5); on
             // failure the new table is discarded and the device stays suspended.
             new.validate_areas(&|p| self.size_of(p))?;
+            self.refuse_loops(&new, m)?;
             let d = self.devices.get_mut(&m).expect("found");
             if new.size() != d.size() {
                 d.geometry = None;
@@ -400,7 +487,8 @@ impl Engine {
         let d = self.devices.get_mut(&m).expect("found");
         if d.suspended {
             match &d.live {
-                Some(t) if t.size().0 > 0 => t.resume(),
+                // A failing preresume leaves the device suspended, with the new table live.
+                Some(t) if t.size().0 > 0 => t.resume()?,
                 _ => return Err(invalid!("cannot resume {}: no live table", d.name)),
             }
             d.suspended = false;
@@ -420,8 +508,11 @@ impl Engine {
             dm_by_name: &dm_by_name,
             dm_exists: &dm_exists,
             cache: HashMap::new(),
+            plane: self.plane.clone(),
+            table_id: 0,
         };
         let table = Table::build(specs, read_only, &self.targets, &mut env)?;
+        self.refuse_loops(&table, m)?;
         let first = !self.devices[&m].queue_initialized;
         if first {
             table.validate_areas(&|p| self.size_of(p))?;

@@ -2,12 +2,13 @@
 //! Linux's dm-table.c).
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::command::{TargetSpec, TargetStatus};
 use super::error::{DmError, DmResult};
 use super::pdev::Pdev;
-use super::target::{split_args, BuildEnv, CtorCtx, Target, TargetRegistry, TargetType};
+use super::target::{split_args, BuildEnv, CtorCtx, Features, Target, TargetRegistry, TargetType};
 use super::types::{DevNum, Sectors, StatusType, MAX_TARGETS};
 use crate::invalid;
 
@@ -17,9 +18,16 @@ pub struct TableTarget {
     pub len: Sectors,
     pub ty: &'static TargetType,
     pub target: Box<dyn Target>,
+    /// What the IO path needs to know of it, asked once at construction.
+    pub features: Features,
 }
 
+/// Tables are numbered as they are built, so an event a target raises can tell whether its table
+/// is still the live one.
+static NEXT_TABLE_ID: AtomicU64 = AtomicU64::new(1);
+
 pub struct Table {
+    id: u64,
     targets: Vec<TableTarget>,
     read_only: bool,
     /// Distinct underlying devices, newest first (the kernel pushes at the head of its list, which
@@ -45,6 +53,8 @@ impl Table {
         if specs.len() > MAX_TARGETS {
             return Err(DmError::Overflow(format!("{} targets", specs.len())));
         }
+        let id = NEXT_TABLE_ID.fetch_add(1, Ordering::Relaxed);
+        env.table_id = id;
         let mut targets = Vec::with_capacity(specs.len());
         let mut next_start = 0u64;
         for (i, spec) in specs.iter().enumerate() {
@@ -68,7 +78,8 @@ impl Table {
                 tracing::info!("{}: constructor failed: {e}", ty.name);
                 e
             })?;
-            targets.push(TableTarget { start: spec.start, len: spec.length, ty, target });
+            let features = target.features();
+            targets.push(TableTarget { start: spec.start, len: spec.length, ty, target, features });
         }
         // Distinct devices, first use last (head insertion order).
         let mut devices: Vec<Arc<Pdev>> = Vec::new();
@@ -81,7 +92,7 @@ impl Table {
             });
         }
         devices.reverse();
-        Ok(Table { targets, read_only, devices })
+        Ok(Table { id, targets, read_only, devices })
     }
 
     pub fn size(&self) -> Sectors {
@@ -111,11 +122,20 @@ impl Table {
 
     /// The target holding `sector` (binary search over starts).
     pub fn find(&self, sector: Sectors) -> Option<&TableTarget> {
+        self.targets.get(self.find_index(sector)?)
+    }
+
+    /// The index of the target holding `sector`.
+    pub fn find_index(&self, sector: Sectors) -> Option<usize> {
         if sector >= self.size() {
             return None;
         }
-        let i = self.targets.partition_point(|t| t.start <= sector);
-        self.targets.get(i.checked_sub(1)?)
+        self.targets.partition_point(|t| t.start <= sector).checked_sub(1)
+    }
+
+    /// This table's number (unique for the daemon's life).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn status(&self, kind: StatusType, noflush: bool) -> Vec<TargetStatus> {
@@ -161,10 +181,22 @@ impl Table {
     pub fn presuspend(&self, noflush: bool) {
         self.targets.iter().for_each(|t| t.target.presuspend(noflush));
     }
+    pub fn presuspend_undo(&self) {
+        self.targets.iter().for_each(|t| t.target.presuspend_undo());
+    }
     pub fn postsuspend(&self) {
         self.targets.iter().for_each(|t| t.target.postsuspend());
     }
-    pub fn resume(&self) {
+    /// Every target's `preresume`, then (all of them having agreed) every target's `resume`
+    /// (`dm_table_resume_targets`).
+    pub fn resume(&self) -> DmResult<()> {
+        for t in &self.targets {
+            t.target.preresume().map_err(|e| {
+                tracing::info!("{}: preresume failed: {e}", t.ty.name);
+                e
+            })?;
+        }
         self.targets.iter().for_each(|t| t.target.resume());
+        Ok(())
     }
 }

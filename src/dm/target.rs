@@ -9,21 +9,114 @@ use super::error::{DmError, DmResult};
 use super::pdev::{DeviceResolver, Identity, Pdev, PdevRegistry};
 use super::types::{DevNum, Sectors, StatusType};
 use crate::invalid;
+use crate::io::{Bio, DataPlane, IoResult, Services};
 
-/// Where a stretch of a device goes, as far as one target maps it contiguously. Targets answer
-/// [`Target::map`] in sectors (`U` = [`Sectors`]); the data plane carries the same answer in bytes
-/// (`U` = `u64`) once a request that need not start on a sector boundary is mapped.
+/// Where a stretch of a device lives, as far as one target maps it contiguously: the answer to a
+/// query ([`Target::query`], block status), which is not IO and moves no counter. Targets answer
+/// in sectors (`U` = [`Sectors`]); the data plane carries the answer in bytes (`U` = `u64`).
 #[derive(Debug)]
 pub enum Mapping<'a, U = Sectors> {
     /// `len` units at `at` of `dev`.
     Remap { dev: &'a Arc<Pdev>, at: U, len: U },
-    /// `len` units that read as zeroes and swallow writes (`zero`).
+    /// `len` units that read as zeroes and hold no data (`zero`).
     Zero(U),
-    /// `len` units where IO fails (`error`).
-    Fail(U),
+    /// `len` units whose allocation the target cannot tell (reported as data).
+    Opaque(U),
 }
 
-/// One constructed target instance in a table.
+/// What a target's `map` did with a bio (the kernel's `DM_MAPIO_*`).
+#[derive(Debug)]
+pub enum Map {
+    /// `DM_MAPIO_REMAPPED`: the bio, pointed at a device with [`Bio::remap`]; the core submits it.
+    Remapped(Bio),
+    /// `DM_MAPIO_SUBMITTED`: the target took the bio and will end it ([`Bio::end`]) or submit it
+    /// ([`Services::submit`]) later, from any thread. A bio completed on the spot (the zero
+    /// target's reads) is ended before returning this.
+    Submitted,
+    /// `DM_MAPIO_REQUEUE`: the core holds the whole original IO until the device resumes, if a
+    /// noflush suspend is under way; otherwise it fails (the kernel's rule).
+    Requeue(Bio),
+    /// `DM_MAPIO_KILL`: the bio fails with EIO.
+    Kill(Bio),
+}
+
+/// What a target's `end_io` decided (the kernel's `DM_ENDIO_*`).
+#[derive(Debug)]
+pub enum EndIo {
+    /// `DM_ENDIO_DONE`: completion goes on with this result.
+    Done(Bio, IoResult),
+    /// `DM_ENDIO_INCOMPLETE`: the target keeps the bio and ends or resubmits it later.
+    Incomplete,
+    /// `DM_ENDIO_REQUEUE`: as [`Map::Requeue`].
+    Requeue(Bio),
+}
+
+/// What the core needs to know about a target to route IO to it, asked once per table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// Empty flushes sent to the target per flush (`num_flush_bios`); 0: flushes skip it.
+    pub flush_bios: u32,
+    /// Discards per discarded range (`num_discard_bios`); 0: discards fail with EOPNOTSUPP.
+    pub discard_bios: u32,
+    /// Write-zeroes per range (`num_write_zeroes_bios`); 0: EOPNOTSUPP (front ends then write
+    /// zeroes, as `blkdev_issue_zeroout` falls back).
+    pub write_zeroes_bios: u32,
+    /// IO is split at multiples of this many sectors from the target's start (`max_io_len`).
+    pub max_io_len: Option<u64>,
+    /// `end_io` wants every bio this target remapped.
+    pub end_io: bool,
+    /// `map` never waits and never keeps a bio (`DM_TARGET_NOWAIT`): a table of such targets takes
+    /// `REQ_NOWAIT` IO; any other target makes the device answer it with EAGAIN.
+    pub nowait: bool,
+    /// `map` copes with a write payload still in a pipe (remaps it, or zero-fills it); other
+    /// targets get the payload in memory.
+    pub pipes: bool,
+}
+
+impl Default for Features {
+    /// A target that remaps one device: flushes, discards and write-zeroes pass through it.
+    fn default() -> Self {
+        Self {
+            flush_bios: 1,
+            discard_bios: 1,
+            write_zeroes_bios: 1,
+            max_io_len: None,
+            end_io: false,
+            nowait: false,
+            pipes: false,
+        }
+    }
+}
+
+/// A device's queue limits as far as one target sets them (`io_hints`), in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub logical_block_size: u32,
+    pub physical_block_size: u32,
+    pub io_min: u32,
+    pub io_opt: u32,
+    /// Discards are supported (every target takes them).
+    pub discard: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { logical_block_size: 512, physical_block_size: 512, io_min: 512, io_opt: 0, discard: true }
+    }
+}
+
+impl Limits {
+    /// `blk_stack_limits`: a device over `lower` must honour its blocks.
+    pub fn stack(&mut self, lower: &Limits) {
+        self.logical_block_size = self.logical_block_size.max(lower.logical_block_size);
+        self.physical_block_size = self.physical_block_size.max(lower.physical_block_size);
+        self.io_min = self.io_min.max(lower.io_min);
+        self.io_opt = self.io_opt.max(lower.io_opt);
+        self.discard &= lower.discard;
+    }
+}
+
+/// One constructed target instance in a table (the kernel's `struct target_type` methods).
 ///
 /// A target with a control path of its own beside table, status and messages (the dm-switch
 /// page-table upload) is reached through [`Engine::targets_of`](super::Engine::targets_of), which
@@ -42,12 +135,42 @@ pub trait Target: Any + Send + Sync {
     /// `iterate_devices`; used for range validation.
     fn iterate_devices(&self, len: Sectors, f: &mut dyn FnMut(&Arc<Pdev>, Sectors, Sectors));
 
-    /// Maps `len` sectors at `offset` (from the target's start) for IO: where they go, for at
-    /// most `len` sectors (less where the target's mapping stops being contiguous).
-    fn map(&self, offset: Sectors, len: Sectors) -> Mapping<'_>;
+    /// How IO reaches this target; see [`Features`].
+    fn features(&self) -> Features {
+        Features::default()
+    }
 
+    /// Adjusts the device's limits (`io_hints`).
+    fn io_hints(&self, _limits: &mut Limits) {}
+
+    /// The kernel's `map`: the bio's sector is relative to the target's start, and the bio lies
+    /// within the target and within one `max_io_len` unit.
+    fn map(&self, bio: Bio) -> Map;
+
+    /// The kernel's `end_io`, for targets whose [`Features::end_io`] is set: sees each bio this
+    /// target remapped, with its result, after the device below completed it. The bio's sector is
+    /// back where `map` saw it; [`Bio::take_private`] returns what `map` set.
+    fn end_io(&self, bio: Bio, result: IoResult) -> EndIo {
+        EndIo::Done(bio, result)
+    }
+
+    /// Where `len` sectors at `offset` (from the target's start) live, for block status: no IO,
+    /// no counters. `len` is at most what is left of the target.
+    fn query(&self, _offset: Sectors, len: Sectors) -> Mapping<'_> {
+        Mapping::Opaque(len)
+    }
+
+    /// Before the device stops taking IO (held IO should be released now).
     fn presuspend(&self, _noflush: bool) {}
+    /// A suspend that called `presuspend` was abandoned (interrupted while waiting for IO).
+    fn presuspend_undo(&self) {}
+    /// After the device's in-flight IO has drained.
     fn postsuspend(&self) {}
+    /// Before the table goes live on resume; an error fails the resume (the device stays
+    /// suspended).
+    fn preresume(&self) -> DmResult<()> {
+        Ok(())
+    }
     fn resume(&self) {}
 }
 
@@ -64,13 +187,26 @@ pub struct BuildEnv<'a> {
     pub dm_exists: &'a dyn Fn(u32) -> bool,
     /// Resolution cache for one table build, so a million lines naming one file stat it once.
     pub cache: HashMap<String, Arc<Pdev>>,
+    /// The data plane, whose services targets get.
+    pub plane: DataPlane,
+    /// The number of the table being built (set by the table).
+    pub table_id: u64,
 }
 
-/// Facts a constructor is given, and its way to name underlying devices.
+/// Facts a constructor is given, its way to name underlying devices, and the core services for
+/// targets that own their IO (dm-io, kcopyd, work queue, timers, table events).
 pub struct CtorCtx<'a, 'b> {
     pub len: Sectors,
     pub read_only: bool,
     pub env: &'a mut BuildEnv<'b>,
+}
+
+impl CtorCtx<'_, '_> {
+    /// The core services, bound to the table being built (its events go to its device while it
+    /// is live).
+    pub fn services(&self) -> Services {
+        self.env.plane.services(self.env.self_minor, self.env.table_id)
+    }
 }
 
 impl CtorCtx<'_, '_> {

@@ -107,7 +107,7 @@ fn striped_maps_chunks_round_robin() {
     let dev = e.device(0).unwrap();
     let live = dev.live.clone().unwrap();
     let t = &live.targets()[0];
-    match t.target.map(Sectors(9), Sectors(100)) {
+    match t.target.query(Sectors(9), Sectors(100)) {
         target::Mapping::Remap { dev, at, len } => {
             assert_eq!((dev.dev.minor, at.0, len.0), (1, 17, 7));
         }

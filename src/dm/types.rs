@@ -10,8 +10,14 @@ pub struct Sectors(pub u64);
 
 impl Sectors {
     pub const SIZE: u64 = 512;
+    /// In bytes, saturating: a table may be longer than 2^64 bytes, and a size or a range check
+    /// must then see "more than any offset", never a wrapped small number.
     pub fn bytes(self) -> u64 {
-        self.0 * Self::SIZE
+        self.0.saturating_mul(Self::SIZE)
+    }
+    /// In bytes, or `None` past 2^64 - 1.
+    pub fn checked_bytes(self) -> Option<u64> {
+        self.0.checked_mul(Self::SIZE)
     }
 }
 

@@ -141,16 +141,31 @@ impl Daemon {
             facts.push((hello::FUSE_DIR, d));
         }
         let hello = hello::encode(&facts);
+        let mut engine = engine;
         Ok(Arc::new_cyclic(|me: &std::sync::Weak<Daemon>| {
-            let me = me.clone();
+            let opener = me.clone();
             // Front ends opening a device count as openers of its block device.
             let io = DataPlane::new(Box::new(move |minor, open| {
-                if let Some(d) = me.upgrade() {
+                if let Some(d) = opener.upgrade() {
                     let mut st = d.lock();
                     st.engine.adjust_opens(minor, if open { 1 } else { -1 });
                     st.sync(&d.io);
                 }
             }));
+            // Table events raised by targets (delivered on a worker, never under the lock).
+            let raiser = me.clone();
+            io.set_event_sink(Box::new(move |minor, table| {
+                if let Some(d) = raiser.upgrade() {
+                    let mut st = d.lock();
+                    if st.engine.table_event(minor, table) {
+                        st.sync(&d.io);
+                        let global = st.engine.global_event();
+                        drop(st);
+                        d.broadcast_events(global);
+                    }
+                }
+            }));
+            engine.set_data_plane(io.clone());
             Self {
                 state: Mutex::new(State { engine, sysfs }),
                 events: Condvar::new(),
@@ -340,24 +355,29 @@ impl Daemon {
         }
     }
 
-    /// A suspend, or a resume that swaps tables, first stops and drains the device's IO (outside
-    /// the engine lock, so other devices keep being served), as the kernel's suspend does.
-    fn drain_before(&self, cmd: &Command) {
-        let (key, opts) = match cmd {
-            Command::DevSuspend { key, opts } => (key, opts),
-            Command::DevResume { key, opts } => (key, opts),
-            _ => return,
+    /// A suspend, or a resume that swaps tables, first stops the device's IO as the kernel's
+    /// `__dm_suspend` does: the targets' `presuspend` (which releases IO they hold), then the
+    /// in-flight IO drains (outside the engine lock, so other devices keep being served); the
+    /// command itself then runs `postsuspend`. The wait is interruptible, as the kernel's: a
+    /// CANCEL from the client abandons the suspend (`presuspend_undo`) and the ioctl fails EINTR.
+    fn suspend_io(&self, stream: &mut UnixStream, cmd: &Command) -> io::Result<Drained> {
+        let Some((minor, noflush)) = self.lock().engine.begin_suspend(cmd) else {
+            return Ok(Drained::Done);
         };
-        let minor = {
-            let st = self.lock();
-            let Some(m) = st.engine.lookup(key) else { return };
-            let d = st.engine.device(m).expect("looked up");
-            if matches!(cmd, Command::DevResume { .. }) && (d.inactive.is_none() || d.suspended) {
-                return;
-            }
-            m
-        };
-        self.io.drain(minor, opts.noflush);
+        let mut spoke = false;
+        let drained = self.io.drain(minor, noflush, &mut || {
+            spoke = readable(stream);
+            spoke
+        });
+        if drained {
+            return Ok(Drained::Done);
+        }
+        self.lock().engine.abandon_suspend(minor);
+        tracing::info!("suspend of dm-{minor} interrupted while its IO drained");
+        Ok(match wait_interrupted(stream)? {
+            WaitEnd::Gone => Drained::Gone,
+            _ => Drained::Cancelled,
+        })
     }
 
     /// One ioctl, in the kernel's order (dm-ioctl.c `ctl_ioctl`): check and validate the buffer
@@ -380,7 +400,11 @@ impl Daemon {
             tracing::info!("{cmd_name} refused: caller is not privileged");
             return Ok(Some(decoded.encode_error(&DmError::Access)));
         }
-        self.drain_before(&decoded.request.command);
+        match self.suspend_io(stream, &decoded.request.command)? {
+            Drained::Done => {}
+            Drained::Cancelled => return Ok(Some(decoded.encode_error(&DmError::Interrupted))),
+            Drained::Gone => return Ok(None),
+        }
         let st = self.lock();
         let before = st.engine.global_event();
         let (st, woken_by_removal) = match self.dev_wait(stream, st, &mut decoded)? {
@@ -496,6 +520,15 @@ impl Daemon {
         }
         (result, after)
     }
+}
+
+/// How draining a device's IO for a suspend ended.
+enum Drained {
+    Done,
+    /// The client sent CANCEL: EINTR.
+    Cancelled,
+    /// The client hung up.
+    Gone,
 }
 
 /// How a DM_DEV_WAIT's sleep ended.

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{parse_sectors, CtorCtx, Mapping, Target, TargetType};
+use crate::dm::target::{parse_sectors, CtorCtx, Features, Map, Target, TargetType};
 use crate::dm::{DmResult, Sectors, StatusType};
 use crate::invalid;
+use crate::io::Bio;
 
 pub static TYPE: TargetType = TargetType { name: "error", version: [1, 7, 0], ctor };
 
@@ -35,7 +36,19 @@ impl Target for ErrorTarget {
             f(dev, *start, len)
         }
     }
-    fn map(&self, _offset: Sectors, len: Sectors) -> Mapping<'_> {
-        Mapping::Fail(len)
+    /// Every IO fails, discards included (`num_discard_bios = 1`); flushes are not sent here.
+    fn features(&self) -> Features {
+        Features {
+            flush_bios: 0,
+            discard_bios: 1,
+            write_zeroes_bios: 1,
+            nowait: true,
+            pipes: true,
+            ..Features::default()
+        }
+    }
+
+    fn map(&self, bio: Bio) -> Map {
+        Map::Kill(bio)
     }
 }

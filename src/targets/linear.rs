@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{parse_sectors, CtorCtx, Mapping, Target, TargetType};
+use crate::dm::target::{parse_sectors, CtorCtx, Features, Map, Mapping, Target, TargetType};
 use crate::dm::{DmResult, Sectors, StatusType};
 use crate::invalid;
+use crate::io::Bio;
 
 pub static TYPE: TargetType = TargetType { name: "linear", version: [1, 5, 0], ctor };
 
@@ -38,7 +39,22 @@ impl Target for Linear {
         f(&self.dev, self.offset, len)
     }
 
-    fn map(&self, offset: Sectors, len: Sectors) -> Mapping<'_> {
-        Mapping::Remap { dev: &self.dev, at: Sectors(self.offset.0 + offset.0), len }
+    fn features(&self) -> Features {
+        Features { nowait: true, pipes: true, ..Features::default() }
+    }
+
+    /// `sector' = offset + (sector − target start)`, checked: a sector past 2^64 fails the bio.
+    fn map(&self, mut bio: Bio) -> Map {
+        match bio.remap_offset(&self.dev, self.offset) {
+            Some(()) => Map::Remapped(bio),
+            None => Map::Kill(bio),
+        }
+    }
+
+    fn query(&self, offset: Sectors, len: Sectors) -> Mapping<'_> {
+        match self.offset.0.checked_add(offset.0) {
+            Some(at) => Mapping::Remap { dev: &self.dev, at: Sectors(at), len },
+            None => Mapping::Opaque(len),
+        }
     }
 }

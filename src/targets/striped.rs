@@ -5,9 +5,10 @@
 use std::sync::Arc;
 
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{parse_sectors, parse_u64, CtorCtx, Mapping, Target, TargetType};
+use crate::dm::target::{parse_sectors, parse_u64, CtorCtx, Features, Map, Mapping, Target, TargetType};
 use crate::dm::{DmResult, Sectors, StatusType};
 use crate::invalid;
+use crate::io::{Bio, Op};
 
 pub static TYPE: TargetType = TargetType { name: "striped", version: [1, 6, 0], ctor };
 
@@ -104,10 +105,40 @@ impl Target for Striped {
         }
     }
 
-    fn map(&self, offset: Sectors, len: Sectors) -> Mapping<'_> {
+    /// IO is split at chunk boundaries; every stripe gets a flush (`num_flush_bios = stripes`).
+    /// Discards and write-zeroes are split by chunk like other IO, so each piece goes to its
+    /// stripe as a plain remap.
+    fn features(&self) -> Features {
+        Features {
+            flush_bios: self.stripes.len() as u32,
+            max_io_len: Some(self.chunk),
+            nowait: true,
+            pipes: true,
+            ..Features::default()
+        }
+    }
+
+    fn map(&self, mut bio: Bio) -> Map {
+        if bio.op() == Op::Flush {
+            let (dev, _) = &self.stripes[bio.clone_index() as usize % self.stripes.len()];
+            bio.remap(dev, Sectors(0));
+            return Map::Remapped(bio);
+        }
+        let (i, sector) = self.locate(bio.sector().0);
+        let (dev, off) = &self.stripes[i];
+        match off.0.checked_add(sector).and_then(|s| bio.remap_at(dev, s)) {
+            Some(()) => Map::Remapped(bio),
+            None => Map::Kill(bio),
+        }
+    }
+
+    fn query(&self, offset: Sectors, len: Sectors) -> Mapping<'_> {
         let (i, sector) = self.locate(offset.0);
         let (dev, off) = &self.stripes[i];
         let to_chunk_end = self.chunk - offset.0 % self.chunk;
-        Mapping::Remap { dev, at: Sectors(off.0 + sector), len: Sectors(len.0.min(to_chunk_end)) }
+        match off.0.checked_add(sector) {
+            Some(at) => Mapping::Remap { dev, at: Sectors(at), len: Sectors(len.0.min(to_chunk_end)) },
+            None => Mapping::Opaque(len),
+        }
     }
 }

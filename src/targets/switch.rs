@@ -62,9 +62,10 @@ use std::sync::{Arc, Mutex};
 use arc_swap::{ArcSwapOption, Guard};
 
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{parse_u64, CtorCtx, Mapping, Target, TargetType};
+use crate::dm::target::{parse_u64, CtorCtx, Features, Map, Mapping, Target, TargetType};
 use crate::dm::{DevNum, DmError, DmResult, Engine, Sectors, StatusType};
 use crate::invalid;
+use crate::io::{Bio, Op};
 
 pub static TYPE: TargetType = TargetType { name: "switch", version: [1, 1, 0], ctor };
 
@@ -698,17 +699,46 @@ impl Target for Switch {
         }
     }
 
-    fn map(&self, offset: Sectors, len: Sectors) -> Mapping<'_> {
+    /// IO is split at region boundaries; a flush goes down every path (one clone each), a
+    /// discard down the path of its region ("for UNMAP, sending the request down any path is
+    /// sufficient").
+    fn features(&self) -> Features {
+        Features {
+            flush_bios: self.paths.len() as u32,
+            write_zeroes_bios: 0,
+            max_io_len: Some(self.region_size),
+            nowait: true,
+            pipes: true,
+            ..Features::default()
+        }
+    }
+
+    fn map(&self, mut bio: Bio) -> Map {
+        if bio.op() == Op::Flush {
+            let (dev, _) = &self.paths[bio.clone_index() as usize % self.paths.len()];
+            bio.remap(dev, Sectors(0));
+            return Map::Remapped(bio);
+        }
+        let offset = bio.sector();
         let (path, mapped) = self.lookup().path(offset.0);
         if self.form == Form::Rfc {
             let c = if mapped { &self.remapped } else { &self.unmapped };
             c.0.fetch_add(1, Ordering::Relaxed);
         }
         let (dev, start) = &self.paths[path];
-        Mapping::Remap {
-            dev,
-            at: Sectors(start.0.wrapping_add(offset.0)),
-            len: Sectors(len.0.min(self.to_region_end(offset.0))),
+        match bio.remap_offset(dev, *start) {
+            Some(()) => Map::Remapped(bio),
+            None => Map::Kill(bio),
+        }
+    }
+
+    /// Like `map`, without counting: block status is not IO.
+    fn query(&self, offset: Sectors, len: Sectors) -> Mapping<'_> {
+        let (path, _) = self.lookup().path(offset.0);
+        let (dev, start) = &self.paths[path];
+        match start.0.checked_add(offset.0) {
+            Some(at) => Mapping::Remap { dev, at: Sectors(at), len: Sectors(len.0.min(self.to_region_end(offset.0))) },
+            None => Mapping::Opaque(len),
         }
     }
 }

@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{CtorCtx, Mapping, Target, TargetType};
+use crate::dm::target::{CtorCtx, Features, Map, Mapping, Target, TargetType};
 use crate::dm::{DmResult, Sectors, StatusType};
 use crate::invalid;
+use crate::io::{Bio, Op};
 
 pub static TYPE: TargetType = TargetType { name: "zero", version: [1, 2, 0], ctor };
 
@@ -24,7 +25,31 @@ impl Target for Zero {
         String::new()
     }
     fn iterate_devices(&self, _len: Sectors, _f: &mut dyn FnMut(&Arc<Pdev>, Sectors, Sectors)) {}
-    fn map(&self, _offset: Sectors, len: Sectors) -> Mapping<'_> {
+    /// Discards are taken (and do nothing); flushes and write-zeroes are not sent here, as in
+    /// the kernel (`num_discard_bios = 1`, no flush or write-zeroes bios).
+    fn features(&self) -> Features {
+        Features {
+            flush_bios: 0,
+            discard_bios: 1,
+            write_zeroes_bios: 0,
+            nowait: true,
+            pipes: true,
+            ..Features::default()
+        }
+    }
+
+    fn map(&self, mut bio: Bio) -> Map {
+        match bio.op() {
+            Op::Read | Op::Write | Op::Discard => {
+                let r = bio.zero_fill();
+                bio.end(r);
+                Map::Submitted
+            }
+            _ => Map::Kill(bio),
+        }
+    }
+
+    fn query(&self, _offset: Sectors, len: Sectors) -> Mapping<'_> {
         Mapping::Zero(len)
     }
 }
