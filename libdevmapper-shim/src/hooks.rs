@@ -63,7 +63,10 @@ fn guard<R>(fail: R, body: impl FnOnce() -> R) -> R {
 unsafe fn open_common(path: *const c_char, flags: c_int, real: impl Fn(*const c_char, c_int) -> c_int) -> c_int {
     match classify(path) {
         Target::Pass => real(path, flags),
-        Target::Control => control::open(flags),
+        Target::Control => {
+            paths::make_control_dir(path);
+            control::open(flags)
+        }
         // Only a plain read-only open is served from a copy (not O_PATH/O_DIRECTORY or writes).
         Target::ProcDevices if flags & (libc::O_ACCMODE | libc::O_PATH | libc::O_DIRECTORY) == libc::O_RDONLY => {
             procdevices::open(flags & libc::O_CLOEXEC != 0).unwrap_or_else(|| real(path, flags))

@@ -124,6 +124,31 @@ fn control_path(b: &[u8]) -> bool {
     b.ends_with(b"/mapper/control") || b == b"/dev/device-mapper"
 }
 
+/// Makes the directory of a control node at `path` (`…/mapper`) if it is missing: with the kernel
+/// the node's directory always exists (the node lives in it), and libdm then makes its device nodes
+/// there. Failures are left for those mknods to report. errno is left untouched.
+///
+/// # Safety
+/// `path` must be NULL or NUL-terminated.
+pub unsafe fn make_control_dir(path: *const c_char) {
+    if path.is_null() {
+        return;
+    }
+    // SAFETY: caller's contract.
+    let p = unsafe { CStr::from_ptr(path) }.to_bytes();
+    let Some(dir) = p.strip_suffix(b"/control").filter(|d| d.ends_with(b"/mapper")) else { return };
+    crate::sys::keep_errno(|| {
+        // Every prefix ending before a '/', then the directory itself (mkdir -p).
+        let ends = dir.iter().enumerate().filter(|&(i, &c)| c == b'/' && i > 0).map(|(i, _)| i).chain([dir.len()]);
+        for end in ends {
+            if let Ok(c) = CString::new(&dir[..end]) {
+                // SAFETY: a NUL-terminated path; mkdir is not one of the functions we interpose.
+                unsafe { libc::mkdir(c.as_ptr(), 0o755) };
+            }
+        }
+    });
+}
+
 /// Just the control-node test of [`classify`], for calls that have nothing to redirect (mknod).
 ///
 /// # Safety

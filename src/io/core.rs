@@ -63,6 +63,11 @@ pub(crate) struct Join {
 }
 
 impl Join {
+    #[cfg(test)]
+    fn new_empty() -> Arc<Join> {
+        Arc::new(Join { remaining: AtomicUsize::new(0), status: Mutex::new(Ok(())), parent: Mutex::new(None) })
+    }
+
     fn new(parent: Bio, pieces: usize) -> Arc<Join> {
         Arc::new(Join {
             remaining: AtomicUsize::new(pieces),
@@ -373,5 +378,173 @@ pub(crate) fn complete(mut bio: Bio, mut res: IoResult) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The "completed exactly once" rule: a dropped bio fails with EIO, a split bio completes
+    //! once after its last piece, requeued IO waits for the resume only in a noflush suspend.
+
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicU32};
+
+    use super::*;
+    use crate::dm::command::TargetSpec;
+    use crate::dm::pdev::PdevRegistry;
+    use crate::dm::target::{BuildEnv, CtorCtx, Features, Target, TargetRegistry, TargetType};
+    use crate::dm::{DmResult, Sectors, StatusType};
+
+    /// A completion that counts its calls and keeps the last result.
+    fn counted() -> (Arc<(AtomicU32, Mutex<Option<IoResult>>)>, Completion) {
+        let seen = Arc::new((AtomicU32::new(0), Mutex::new(None)));
+        let s = seen.clone();
+        (
+            seen,
+            Completion::Call(Box::new(move |_, r| {
+                s.0.fetch_add(1, Ordering::SeqCst);
+                *s.1.lock().unwrap() = Some(r);
+            })),
+        )
+    }
+
+    #[test]
+    fn a_dropped_bio_fails_once_with_eio() {
+        let (seen, c) = counted();
+        let bio = Bio::new(Op::Read, BioFlags::empty(), 0, 1, Buf::Owned(vec![0; 512]), Frame::Submitter(c));
+        drop(bio);
+        assert_eq!(seen.0.load(Ordering::SeqCst), 1);
+        assert_eq!(*seen.1.lock().unwrap(), Some(Err(IoError::Failed)));
+    }
+
+    #[test]
+    fn a_split_bio_completes_once_after_its_last_piece_with_the_first_error() {
+        let (seen, c) = counted();
+        let mut parent = Bio::new(Op::Read, BioFlags::empty(), 0, 3, Buf::Owned(vec![0; 1536]), Frame::Submitter(c));
+        let join = Join::new_empty();
+        join.remaining.store(3, Ordering::SeqCst);
+        let mut pieces: Vec<Bio> = (0..3).map(|i| parent.child(i, 1, Frame::Child(join.clone()))).collect();
+        // The pieces write into the parent's buffer.
+        for (i, p) in pieces.iter_mut().enumerate() {
+            p.data_mut().unwrap().fill(i as u8 + 1);
+        }
+        *join.parent.lock().unwrap() = Some(parent);
+        let third = pieces.pop().unwrap();
+        let second = pieces.pop().unwrap();
+        let first = pieces.pop().unwrap();
+        second.end(Err(IoError::NotSupported));
+        assert_eq!(seen.0.load(Ordering::SeqCst), 0);
+        third.end(Err(IoError::Failed));
+        assert_eq!(seen.0.load(Ordering::SeqCst), 0);
+        first.end(Ok(()));
+        assert_eq!(seen.0.load(Ordering::SeqCst), 1);
+        assert_eq!(*seen.1.lock().unwrap(), Some(Err(IoError::NotSupported)));
+    }
+
+    #[test]
+    fn a_dropped_piece_fails_its_parent_once() {
+        let (seen, c) = counted();
+        let mut parent = Bio::new(Op::Write, BioFlags::empty(), 0, 2, Buf::Owned(vec![7; 1024]), Frame::Submitter(c));
+        let join = Join::new_empty();
+        let a = parent.child(0, 1, Frame::Child(join.clone()));
+        let b = parent.child(1, 1, Frame::Child(join.clone()));
+        join.remaining.store(2, Ordering::SeqCst);
+        *join.parent.lock().unwrap() = Some(parent);
+        a.end(Ok(()));
+        drop(b);
+        assert_eq!(seen.0.load(Ordering::SeqCst), 1);
+        assert_eq!(*seen.1.lock().unwrap(), Some(Err(IoError::Failed)));
+    }
+
+    /// Requeues every bio it maps while `requeue` is set, passes the rest as zeroes.
+    struct Requeuer {
+        requeue: Arc<AtomicBool>,
+    }
+    impl Target for Requeuer {
+        fn status(&self, _: StatusType, _: bool) -> String {
+            String::new()
+        }
+        fn iterate_devices(&self, _: Sectors, _: &mut dyn FnMut(&Arc<crate::dm::pdev::Pdev>, Sectors, Sectors)) {}
+        fn features(&self) -> Features {
+            Features { flush_bios: 0, ..Features::default() }
+        }
+        fn map(&self, mut bio: Bio) -> Map {
+            if self.requeue.load(Ordering::SeqCst) {
+                return Map::Requeue(bio);
+            }
+            let r = bio.zero_fill();
+            bio.end(r);
+            Map::Submitted
+        }
+    }
+
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    fn requeuer_ctor(_: &mut CtorCtx<'_, '_>, _: &[String]) -> DmResult<Box<dyn Target>> {
+        Ok(Box::new(Requeuer { requeue: FLAG.get_or_init(Default::default).clone() }))
+    }
+    static REQUEUER: TargetType = TargetType { name: "requeuer", version: [1, 0, 0], ctor: requeuer_ctor };
+
+    struct NoFiles;
+    impl crate::dm::pdev::DeviceResolver for NoFiles {
+        fn resolve_path(&self, p: &str) -> DmResult<crate::dm::pdev::Resolved> {
+            Err(crate::dm::DmError::NoSuchBlockDevice(p.into()))
+        }
+        fn resolve_block(&self, d: crate::dm::DevNum) -> DmResult<crate::dm::pdev::Resolved> {
+            Err(crate::dm::DmError::NoSuchBlockDevice(d.to_string()))
+        }
+    }
+
+    fn device_with(plane: &DataPlane, ty: &'static TargetType) -> Arc<DeviceIo> {
+        let mut reg = TargetRegistry::default();
+        reg.register(ty);
+        let mut pdevs = PdevRegistry::new(252, 251);
+        let mut env = BuildEnv {
+            self_minor: 0,
+            pdevs: &mut pdevs,
+            resolver: &NoFiles,
+            dm_by_name: &|_| None,
+            dm_exists: &|_| false,
+            cache: HashMap::new(),
+            plane: plane.clone(),
+            table_id: 0,
+        };
+        let spec =
+            TargetSpec { start: Sectors(0), length: Sectors(8), target_type: ty.name.into(), params: String::new() };
+        let table = Table::build(&[spec], false, &reg, &mut env).unwrap();
+        plane.publish(0, "t", Some(Arc::new(table)), false, false);
+        plane.device(0).unwrap()
+    }
+
+    fn read(plane: &DataPlane, dev: &Arc<DeviceIo>) -> Arc<Waiter> {
+        let w = Arc::new(Waiter::default());
+        let bio = Bio::new(
+            Op::Read,
+            BioFlags::empty(),
+            0,
+            1,
+            Buf::Owned(vec![1; 512]),
+            Frame::Submitter(Completion::Sync(w.clone())),
+        );
+        submit(plane, Work::Device(dev.clone(), bio));
+        w
+    }
+
+    #[test]
+    fn requeued_io_fails_outside_a_noflush_suspend_and_waits_for_the_resume_inside_one() {
+        let plane = DataPlane::detached();
+        let dev = device_with(&plane, &REQUEUER);
+        let flag = FLAG.get_or_init(Default::default).clone();
+        flag.store(true, Ordering::SeqCst);
+        assert_eq!(read(&plane, &dev).wait(), Err(IoError::Failed), "no noflush suspend: EIO");
+        // A noflush suspend under way: the requeued read is held (not in flight), the suspend
+        // completes, and the resume runs it again.
+        dev.state().noflush = true;
+        let w = read(&plane, &dev);
+        assert!(plane.drain(0, true, &mut || false), "held IO does not keep the suspend waiting");
+        assert_eq!(dev.requeued.lock().unwrap().len(), 1);
+        flag.store(false, Ordering::SeqCst);
+        let table = dev.state().table.clone();
+        plane.publish(0, "t", table, false, false);
+        assert_eq!(w.wait(), Ok(()));
     }
 }
