@@ -8,10 +8,10 @@
 //! list. So a stack of a thousand devices costs heap, not stack. The list is a stack, taken depth
 //! first, so the pieces of a bio reach the files in order (a piped payload is consumed in order).
 
+use crate::dm::stats::StatsTicket;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use super::bio::{Bio, BioFlags, Buf, Op, Private};
 use super::{DataPlane, DeviceIo, IoError, IoResult, Pass, Waiter};
@@ -43,7 +43,8 @@ pub(crate) struct Entry {
     pub(crate) pass: Pass,
     sector: u64,
     sectors: u64,
-    started: Option<Instant>,
+    /// dmstats bookkeeping of this IO, when the device has regions.
+    ticket: Option<StatsTicket>,
 }
 
 pub(crate) struct TargetFrame {
@@ -192,9 +193,9 @@ fn enter(plane: &DataPlane, dev: Arc<DeviceIo>, mut bio: Bio) {
             bio.0.flags.remove(BioFlags::NOWAIT);
         }
     }
-    let started = pass.stats.then(Instant::now);
     let (sector, sectors) = (bio.0.sector, bio.0.sectors);
-    bio.0.frames.push(Frame::Device(Entry { pass, sector, sectors, started }));
+    let ticket = pass.stats.as_ref().map(|s| s.start(bio.0.op.is_write(), sector, sectors));
+    bio.0.frames.push(Frame::Device(Entry { pass, sector, sectors, ticket }));
     split(plane, table, bio);
 }
 
@@ -342,8 +343,8 @@ pub(crate) fn complete(mut bio: Bio, mut res: IoResult) {
                 bio.0.sectors = e.sectors;
                 bio.0.dev = None;
                 bio.0.private = None;
-                if let Some(t) = e.started {
-                    e.pass.dev.account(&bio, t, res.is_ok());
+                if let (Some(t), Some(s)) = (e.ticket, &e.pass.stats) {
+                    s.end(t);
                 }
                 if res == Err(IoError::Requeue) {
                     let dev = e.pass.dev.clone();

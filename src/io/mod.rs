@@ -30,6 +30,7 @@ use leaf::{file_extents, push_extent, Backing, EXTENT_STEPS};
 pub use services::{CopyJob, Region, Services};
 
 use crate::dm::pdev::{Pdev, PdevKind};
+use crate::dm::stats::StatsSet;
 use crate::dm::table::Table;
 use crate::dm::target::{Limits, Mapping};
 use crate::dm::{DevNum, Sectors};
@@ -96,6 +97,8 @@ struct GateState {
     /// Every target of the live table takes `REQ_NOWAIT` IO.
     nowait: bool,
     limits: Limits,
+    /// dmstats regions to count IO into.
+    stats: Option<Arc<StatsSet>>,
     /// Requests between entering and leaving the gate.
     inflight: u64,
     /// Suspends waiting for `inflight` to reach zero: only they need a wake-up when a request
@@ -120,8 +123,8 @@ pub(crate) struct Pass {
     pub(crate) table: Arc<Table>,
     pub(crate) read_only: bool,
     pub(crate) nowait: bool,
-    /// IO statistics are kept for this device.
-    pub(crate) stats: bool,
+    /// dmstats regions of the device, if any.
+    pub(crate) stats: Option<Arc<StatsSet>>,
 }
 
 impl Drop for Pass {
@@ -154,7 +157,7 @@ impl DeviceIo {
         }
         let table = s.table.clone().ok_or(IoError::NoDevice)?;
         s.inflight += 1;
-        Ok(Pass { dev: self.clone(), table, read_only: s.read_only, nowait: s.nowait, stats: false })
+        Ok(Pass { dev: self.clone(), table, read_only: s.read_only, nowait: s.nowait, stats: s.stats.clone() })
     }
 
     /// Holds a requeued bio for the resume if a noflush suspend is under way; gives it back
@@ -167,9 +170,6 @@ impl DeviceIo {
         self.requeued.lock().unwrap_or_else(|p| p.into_inner()).push(bio);
         None
     }
-
-    /// IO statistics for one completed bio (dmstats).
-    pub(crate) fn account(&self, _bio: &Bio, _started: std::time::Instant, _ok: bool) {}
 }
 
 /// A thread waiting for one bio (the synchronous API).
@@ -250,6 +250,19 @@ impl DataPlane {
 
     /// Publishes a device's state from the engine. `table` is the live table.
     pub fn publish(&self, minor: u32, name: &str, table: Option<Arc<Table>>, suspended: bool, read_only: bool) {
+        self.publish_with_stats(minor, name, table, suspended, read_only, None)
+    }
+
+    /// [`Self::publish`] with the device's dmstats regions.
+    pub fn publish_with_stats(
+        &self,
+        minor: u32,
+        name: &str,
+        table: Option<Arc<Table>>,
+        suspended: bool,
+        read_only: bool,
+        stats: Option<Arc<StatsSet>>,
+    ) {
         let dev = {
             let mut devs = self.inner.devices.write().unwrap_or_else(|p| p.into_inner());
             devs.entry(minor)
@@ -264,6 +277,7 @@ impl DataPlane {
                             read_only,
                             nowait: false,
                             limits: Limits::default(),
+                            stats: None,
                             inflight: 0,
                             drainers: 0,
                             removed: false,
@@ -275,6 +289,14 @@ impl DataPlane {
                 .clone()
         };
         let mut s = dev.state();
+        let same_stats = match (&s.stats, &stats) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same_stats {
+            s.stats = stats;
+        }
         let same = s.name == name
             && s.suspended == suspended
             && s.read_only == read_only

@@ -41,7 +41,14 @@ impl State {
     fn sync(&mut self, io: &DataPlane) {
         self.sysfs.sync(&self.engine);
         for d in self.engine.devices() {
-            io.publish(d.minor, d.name.as_str(), d.live.clone(), d.suspended, d.disk_read_only());
+            io.publish_with_stats(
+                d.minor,
+                d.name.as_str(),
+                d.live.clone(),
+                d.suspended,
+                d.disk_read_only(),
+                d.stats.set(),
+            );
         }
         io.retain(|m| self.engine.device(m).is_some());
     }
