@@ -396,8 +396,11 @@ mod tests {
     use crate::dm::target::{BuildEnv, CtorCtx, Features, Target, TargetRegistry, TargetType};
     use crate::dm::{DmResult, Sectors, StatusType};
 
+    /// How often a completion ran, and its last result.
+    type Seen = Arc<(AtomicU32, Mutex<Option<IoResult>>)>;
+
     /// A completion that counts its calls and keeps the last result.
-    fn counted() -> (Arc<(AtomicU32, Mutex<Option<IoResult>>)>, Completion) {
+    fn counted() -> (Seen, Completion) {
         let seen = Arc::new((AtomicU32::new(0), Mutex::new(None)));
         let s = seen.clone();
         (
