@@ -115,3 +115,24 @@ fn mknodes_makes_the_mapper_directory() {
     assert!(dev_dir.join("mapper").is_dir());
     assert!(dev_dir.join("mapper/h1").exists(), "a node for h1");
 }
+
+#[test]
+fn front_ends_advertise_the_tables_limits() {
+    let d = Daemon::start();
+    let f = d.file("f.img", 2048);
+    d.dmsetup(&["create", "l", "--table", &format!("0 2048 linear {f} 0")]).ok();
+    let info = d.run("nbdinfo", &["--json", &d.nbd_uri("l")]).ok().to_owned();
+    assert!(info.contains("\"block_size_minimum\": 512"), "{info}");
+    assert!(info.contains("\"block_size_preferred\": 4096"), "{info}");
+    assert!(info.contains("\"can_trim\": true"), "{info}");
+    let dm = d.dev_num("l").replace(':', " ");
+    let minor = dm.split(' ').nth(1).unwrap().to_owned();
+    let q = |attr: &str| {
+        std::fs::read_to_string(d.path(&format!("sys/devices/virtual/block/dm-{minor}/queue/{attr}"))).unwrap()
+    };
+    assert_eq!(q("logical_block_size"), "512\n");
+    assert_eq!(q("physical_block_size"), "512\n");
+    assert_eq!(q("minimum_io_size"), "512\n");
+    assert_eq!(q("optimal_io_size"), "0\n");
+    assert_eq!(q("discard_granularity"), "512\n");
+}

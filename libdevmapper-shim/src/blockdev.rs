@@ -205,6 +205,11 @@ fn sysfs_int(minor: u64, attr: &str) -> Option<i64> {
     std::str::from_utf8(&text).ok()?.trim().parse().ok()
 }
 
+/// `queue/<attr>` of a device, or `default` when it cannot be read.
+fn queue_limit(minor: u64, attr: &str, default: u64) -> u64 {
+    sysfs_int(minor, &format!("queue/{attr}")).and_then(|v| u64::try_from(v).ok()).unwrap_or(default)
+}
+
 fn sysfs_write(minor: u64, attr: &str, value: &str) -> bool {
     let Some(p) = sysfs_path(minor, attr) else { return false };
     let fd = sys::sys_open(&p, libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC);
@@ -281,12 +286,14 @@ pub unsafe fn ioctl(
         match request {
             BLKGETSIZE64 => put::<u64>(arg, size),
             BLKGETSIZE => put::<c_ulong>(arg, (size / SECTOR) as c_ulong),
-            // 512-byte logical and physical sectors, as the sysfs queue/ files say.
-            BLKSSZGET => put::<c_int>(arg, SECTOR as c_int),
-            BLKPBSZGET | BLKIOMIN => put::<c_uint>(arg, SECTOR as c_uint),
+            // The table's limits, as the daemon's sysfs queue/ files say.
+            BLKSSZGET => put::<c_int>(arg, queue_limit(minor, "logical_block_size", SECTOR) as c_int),
+            BLKPBSZGET => put::<c_uint>(arg, queue_limit(minor, "physical_block_size", SECTOR) as c_uint),
+            BLKIOMIN => put::<c_uint>(arg, queue_limit(minor, "minimum_io_size", SECTOR) as c_uint),
+            BLKIOOPT => put::<c_uint>(arg, queue_limit(minor, "optimal_io_size", 0) as c_uint),
             BLKBSZGET => put::<c_int>(arg, 4096),
             BLKBSZSET => 0,
-            BLKIOOPT | BLKDISCARDZEROES => put::<c_uint>(arg, 0),
+            BLKDISCARDZEROES => put::<c_uint>(arg, 0),
             BLKALIGNOFF => put::<c_int>(arg, 0),
             BLKROTATIONAL => put::<c_ushort>(arg, 0),
             BLKROGET => put::<c_int>(arg, sysfs_int(minor, "ro").unwrap_or(0) as c_int),

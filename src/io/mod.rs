@@ -219,6 +219,8 @@ pub struct ActiveDevice {
     /// Bytes.
     pub size: u64,
     pub read_only: bool,
+    /// The live table's queue limits.
+    pub limits: Limits,
 }
 
 impl DataPlane {
@@ -354,6 +356,11 @@ impl DataPlane {
         l
     }
 
+    /// A device's queue limits (defaults for a device without a live table).
+    pub fn limits(&self, minor: u32) -> Limits {
+        self.device(minor).map(|d| d.state().limits).unwrap_or_default()
+    }
+
     /// Forgets devices the engine no longer has; IO waiting on them fails.
     pub fn retain(&self, alive: impl Fn(u32) -> bool) {
         let mut gone = Vec::new();
@@ -466,6 +473,7 @@ impl DataPlane {
                     name: s.name.clone(),
                     size: t.size().bytes(),
                     read_only: s.read_only,
+                    limits: s.limits,
                 })
             })
             .collect();

@@ -5,6 +5,7 @@ use std::io::{self, BufReader, Read, Write};
 
 use super::proto::*;
 use super::Export;
+use crate::dm::target::Limits;
 use crate::io::DataPlane;
 
 /// Option data we read into memory; names are at most 4096 bytes, so anything longer is refused
@@ -48,12 +49,17 @@ impl Replier<'_> {
 }
 
 /// The transmission flags of an export.
-pub(super) fn transmission_flags(read_only: bool, structured: bool) -> u16 {
+pub(super) fn transmission_flags(read_only: bool, structured: bool, limits: &Limits) -> u16 {
     let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_CAN_MULTI_CONN;
     if read_only {
         f |= TF_READ_ONLY;
     } else {
-        f |= TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
+        // Write-zeroes always works (zero buffers where the table cannot); trim only where
+        // every target takes discards.
+        f |= TF_SEND_FUA | TF_SEND_WRITE_ZEROES;
+        if limits.discard {
+            f |= TF_SEND_TRIM;
+        }
     }
     if structured {
         // Every read is answered with one data chunk, so "don't fragment" always holds.
@@ -217,7 +223,7 @@ impl Negotiation<'_> {
             return Err(invalid(format!("NBD_OPT_EXPORT_NAME for unknown export {name:?}")));
         };
         let size = handle.size();
-        let flags = transmission_flags(handle.read_only(), self.structured);
+        let flags = transmission_flags(handle.read_only(), self.structured, &handle.limits());
         let mut reply = Vec::with_capacity(10 + 124);
         reply.extend_from_slice(&size.to_be_bytes());
         reply.extend_from_slice(&flags.to_be_bytes());
@@ -292,26 +298,27 @@ impl Negotiation<'_> {
             return Ok(Step::Next);
         };
         let found = if opt == OPT_GO {
-            self.io.open(&name).map(|h| (h.size(), h.read_only(), Some(h)))
+            self.io.open(&name).map(|h| (h.size(), h.read_only(), h.limits(), Some(h)))
         } else {
-            self.io.active_devices().into_iter().find(|d| d.name == name).map(|d| (d.size, d.read_only, None))
+            self.io.active_devices().into_iter().find(|d| d.name == name).map(|d| (d.size, d.read_only, d.limits, None))
         };
-        let Some((size, read_only, handle)) = found else {
+        let Some((size, read_only, limits, handle)) = found else {
             self.rep.error(opt, REP_ERR_UNKNOWN, &format!("no active device named {name:?}"))?;
             return Ok(Step::Next);
         };
-        let flags = transmission_flags(read_only, self.structured);
+        let flags = transmission_flags(read_only, self.structured, &limits);
         let mut export = [0u8; 12];
         export[0..2].copy_from_slice(&INFO_EXPORT.to_be_bytes());
         export[2..10].copy_from_slice(&size.to_be_bytes());
         export[10..12].copy_from_slice(&flags.to_be_bytes());
         self.rep.info(opt, &export)?;
-        // Sent whether asked or not (proto.md allows it): these are the protocol's defaults, so
-        // clients that ignore them lose nothing.
+        // Sent whether asked or not (proto.md allows it): the device's logical block as the
+        // minimum, its physical block (at least a page) as the preferred size. Requests that
+        // ignore them still work (partial blocks are read and rewritten around them).
         let mut bs = [0u8; 14];
         bs[0..2].copy_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        bs[2..6].copy_from_slice(&MIN_BLOCK.to_be_bytes());
-        bs[6..10].copy_from_slice(&PREFERRED_BLOCK.to_be_bytes());
+        bs[2..6].copy_from_slice(&limits.logical_block_size.to_be_bytes());
+        bs[6..10].copy_from_slice(&limits.physical_block_size.max(PREFERRED_BLOCK).to_be_bytes());
         bs[10..14].copy_from_slice(&MAX_PAYLOAD.to_be_bytes());
         self.rep.info(opt, &bs)?;
         if wanted.contains(&INFO_NAME) {
@@ -380,12 +387,17 @@ mod tests {
 
     #[test]
     fn read_only_exports_advertise_no_write_features() {
-        let ro = transmission_flags(true, false);
+        let l = Limits::default();
+        let ro = transmission_flags(true, false, &l);
         assert_ne!(ro & TF_READ_ONLY, 0);
         assert_eq!(ro & (TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_DF), 0);
-        let rw = transmission_flags(false, true);
+        let rw = transmission_flags(false, true, &l);
         assert_eq!(rw & TF_READ_ONLY, 0);
         assert_ne!(rw & TF_SEND_DF, 0);
         assert_ne!(rw & TF_CAN_MULTI_CONN, 0);
+        assert_ne!(rw & TF_SEND_TRIM, 0);
+        let no_discard = transmission_flags(false, true, &Limits { discard: false, ..l });
+        assert_eq!(no_discard & TF_SEND_TRIM, 0, "trim only where the table discards");
+        assert_ne!(no_discard & TF_SEND_WRITE_ZEROES, 0);
     }
 }

@@ -93,7 +93,6 @@ pub const ESHUTDOWN: u32 = 108;
 /// requests are refused (reads) or end the connection (writes: proto.md "Size constraints"
 /// allows a hard disconnect for payloads a server deems too large).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
-pub const MIN_BLOCK: u32 = 1;
 pub const PREFERRED_BLOCK: u32 = 4096;
 
 /// Maps an errno from the data plane to one of the values NBD allows.

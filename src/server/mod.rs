@@ -39,7 +39,6 @@ struct State {
 impl State {
     /// Brings the sysfs tree and the data plane in line with the engine after a change.
     fn sync(&mut self, io: &DataPlane) {
-        self.sysfs.sync(&self.engine);
         for d in self.engine.devices() {
             io.publish_with_stats(
                 d.minor,
@@ -51,6 +50,8 @@ impl State {
             );
         }
         io.retain(|m| self.engine.device(m).is_some());
+        // After the data plane, which works out each device's limits.
+        self.sysfs.sync(&self.engine, &|m| io.limits(m));
     }
 }
 

@@ -7,6 +7,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 use crate::dm::pdev::PdevKind;
+use crate::dm::target::Limits;
 use crate::dm::Engine;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,6 +17,8 @@ struct DevState {
     size: u64,
     ro: bool,
     suspended: bool,
+    /// The live table's queue limits.
+    limits: Limits,
     slaves: Vec<u32>,
     holders: Vec<u32>,
 }
@@ -52,14 +55,15 @@ impl Sysfs {
         self.root.join(format!("devices/virtual/block/dm-{minor}"))
     }
 
-    /// Brings the tree in line with the engine, touching only what changed.
-    pub fn sync(&mut self, engine: &Engine) {
-        if let Err(e) = self.try_sync(engine) {
+    /// Brings the tree in line with the engine, touching only what changed. `limits` gives a
+    /// device's queue limits (the data plane's, which stacks them over the devices below).
+    pub fn sync(&mut self, engine: &Engine, limits: &dyn Fn(u32) -> Limits) {
+        if let Err(e) = self.try_sync(engine, limits) {
             tracing::warn!("updating sysfs tree under {}: {e}", self.root.display());
         }
     }
 
-    fn try_sync(&mut self, engine: &Engine) -> io::Result<()> {
+    fn try_sync(&mut self, engine: &Engine, limits: &dyn Fn(u32) -> Limits) -> io::Result<()> {
         let mut now: HashMap<u32, DevState> = HashMap::new();
         // The kernel registers a device's gendisk at its first successful table load, so a device
         // that never had one has no sysfs entry yet (linux-dm-abi.md §2.4, DM_DEV_CREATE).
@@ -85,6 +89,7 @@ impl Sysfs {
                     size: d.size().0,
                     ro: d.disk_read_only(),
                     suspended: d.suspended,
+                    limits: limits(d.minor),
                     slaves,
                     holders: Vec::new(),
                 },
@@ -126,8 +131,6 @@ impl Sysfs {
             }
             write_atomic(&dir.join("dev"), &format!("{}:{minor}\n", self.major))?;
             write_atomic(&dir.join("bdi/read_ahead_kb"), "128\n")?;
-            write_atomic(&dir.join("queue/logical_block_size"), "512\n")?;
-            write_atomic(&dir.join("queue/physical_block_size"), "512\n")?;
             write_atomic(&dir.join("removable"), "0\n")?;
             let target = format!("../../devices/virtual/block/dm-{minor}");
             replace_link(&target, &self.root.join(format!("dev/block/{}:{minor}", self.major)))?;
@@ -140,12 +143,24 @@ impl Sysfs {
         type Render = fn(&DevState) -> String;
         type List = fn(&DevState) -> &Vec<u32>;
         let changed = |f: Render| old.as_ref().is_none_or(|o| f(o) != f(s));
-        let files: [(&str, Render); 5] = [
+        let files: [(&str, Render); 12] = [
             ("size", |s| format!("{}\n", s.size)),
             ("ro", |s| format!("{}\n", s.ro as u8)),
             ("dm/name", |s| format!("{}\n", s.name)),
             ("dm/uuid", |s| format!("{}\n", s.uuid)),
             ("dm/suspended", |s| format!("{}\n", s.suspended as u8)),
+            ("queue/logical_block_size", |s| format!("{}\n", s.limits.logical_block_size)),
+            ("queue/hw_sector_size", |s| format!("{}\n", s.limits.logical_block_size)),
+            ("queue/physical_block_size", |s| format!("{}\n", s.limits.physical_block_size)),
+            ("queue/minimum_io_size", |s| format!("{}\n", s.limits.io_min)),
+            ("queue/optimal_io_size", |s| format!("{}\n", s.limits.io_opt)),
+            ("queue/discard_granularity", |s| {
+                format!("{}\n", if s.limits.discard { s.limits.logical_block_size } else { 0 })
+            }),
+            // What one discard may cover: the NBD front end's largest request when supported.
+            ("queue/discard_max_bytes", |s| {
+                format!("{}\n", if s.limits.discard { u32::MAX as u64 + 1 - 512 } else { 0 })
+            }),
         ];
         for (file, render) in files {
             if changed(render) {
