@@ -7,7 +7,7 @@ mod common;
 
 use common::Daemon;
 use dmemu::client::{Client, IoctlBuf};
-use dmemu::ioctl::layout::DmCmd;
+use dmemu::ioctl::layout::{DmCmd, DmFlags};
 
 fn qemu_io(d: &Daemon, name: &str, cmds: &[&str]) -> common::Out {
     let mut args = vec!["-f", "raw"];
@@ -135,4 +135,60 @@ fn front_ends_advertise_the_tables_limits() {
     assert_eq!(q("minimum_io_size"), "512\n");
     assert_eq!(q("optimal_io_size"), "0\n");
     assert_eq!(q("discard_granularity"), "512\n");
+}
+
+/// Waits (without a time bound that could fail the test) until the daemon log holds `what`.
+fn wait_for_log(d: &Daemon, what: &str) {
+    while !d.log().contains(what) {
+        assert!(d.alive(), "daemon died");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_suspend_waiting_for_io_is_interrupted_by_cancel_and_the_device_keeps_running() {
+    use dmemu_frame::{self as frame, FrameHeader, Kind};
+    use std::io::{Read, Write};
+    let d = Daemon::start();
+    let f = d.file("f.img", 2048);
+    d.dmsetup(&["create", "b", "--table", &format!("0 2048 linear {f} 0")]).ok();
+    d.dmsetup(&["create", "a", "--table", "0 2048 linear /dev/mapper/b 0"]).ok();
+    let minor_a = d.dev_num("a").split(':').nth(1).unwrap().to_owned();
+    let minor_b = d.dev_num("b").split(':').nth(1).unwrap().to_owned();
+    d.dmsetup(&["suspend", "b"]).ok();
+    // A write into a, held at b's gate: in flight on a.
+    let uri = d.nbd_uri("a");
+    let writer = std::thread::spawn(move || {
+        std::process::Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5e 8k 4k", &uri]).output().unwrap()
+    });
+    wait_for_log(&d, &format!("dm-{minor_b}: IO waits for the resume"));
+    // DM_DEV_SUSPEND on a waits for that write; a CANCEL (what the shim sends when a signal
+    // interrupts the caller) abandons it with EINTR.
+    let mut c = Client::connect(&d.socket).unwrap();
+    let req = IoctlBuf::new(DmCmd::DevSuspend).name("a").flags(DmFlags::SUSPEND);
+    frame::write_frame(c.stream(), Kind::Ioctl, &[&DmCmd::DevSuspend.request().to_le_bytes(), &req.bytes()]).unwrap();
+    wait_for_log(&d, &format!("dm-{minor_a}: suspend waits for 1 IOs in flight"));
+    c.stream().write_all(&frame::header(Kind::Cancel, 0)).unwrap();
+    let reply = loop {
+        let mut h = [0u8; frame::HEADER_LEN];
+        c.stream().read_exact(&mut h).unwrap();
+        let fh = FrameHeader::decode(&h);
+        let payload = frame::read_payload(c.stream(), fh.len).unwrap();
+        if !fh.is_event() {
+            break payload;
+        }
+    };
+    let (status, _) = frame::Status::split(&reply).unwrap();
+    assert_eq!((status.ret, status.errno), (-1, libc::EINTR));
+    assert!(d.log().contains(&format!("suspend of dm-{minor_a} interrupted")));
+    // a is still running; once b resumes, the write lands.
+    let info = d.dmsetup(&["info", "a"]).ok().to_owned();
+    assert!(info.lines().any(|l| l.starts_with("State:") && l.ends_with(" ACTIVE")), "{info}");
+    d.dmsetup(&["resume", "b"]).ok();
+    let o = writer.join().unwrap();
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("failed"), "{o:?}");
+    assert!(std::fs::read(&f).unwrap()[8192..12288].iter().all(|&x| x == 0x5e));
+    // And a suspends normally now.
+    d.dmsetup(&["suspend", "a"]).ok();
+    d.dmsetup(&["resume", "a"]).ok();
 }

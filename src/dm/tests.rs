@@ -169,3 +169,75 @@ fn message_without_table_returns_two() {
         Err(DmError::Invalid(_))
     ));
 }
+
+/// Records its lifecycle calls; `fail` in its parameters makes preresume fail.
+struct Lifecycle {
+    fail: bool,
+}
+
+static CALLS: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+
+impl target::Target for Lifecycle {
+    fn status(&self, _: StatusType, _: bool) -> String {
+        String::new()
+    }
+    fn iterate_devices(&self, _: Sectors, _: &mut dyn FnMut(&std::sync::Arc<pdev::Pdev>, Sectors, Sectors)) {}
+    fn map(&self, bio: crate::io::Bio) -> target::Map {
+        target::Map::Kill(bio)
+    }
+    fn presuspend(&self, _noflush: bool) {
+        CALLS.lock().unwrap().push("presuspend");
+    }
+    fn presuspend_undo(&self) {
+        CALLS.lock().unwrap().push("presuspend_undo");
+    }
+    fn postsuspend(&self) {
+        CALLS.lock().unwrap().push("postsuspend");
+    }
+    fn preresume(&self) -> DmResult<()> {
+        CALLS.lock().unwrap().push("preresume");
+        if self.fail {
+            return Err(DmError::Invalid("preresume refused".into()));
+        }
+        Ok(())
+    }
+    fn resume(&self) {
+        CALLS.lock().unwrap().push("resume");
+    }
+}
+
+fn lifecycle_ctor(_: &mut target::CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Box<dyn target::Target>> {
+    Ok(Box::new(Lifecycle { fail: argv.first().is_some_and(|a| a == "fail") }))
+}
+
+static LIFECYCLE: target::TargetType =
+    target::TargetType { name: "lifecycle", version: [1, 0, 0], ctor: lifecycle_ctor };
+
+#[test]
+fn suspend_and_resume_call_targets_in_the_kernels_order_and_a_failing_preresume_fails_the_resume() {
+    let mut reg = crate::targets::registry();
+    reg.register(&LIFECYCLE);
+    let mut e = Engine::new(EngineConfig { major: 252, file_major: 251 }, reg, Box::new(FakeFiles));
+    let take = || std::mem::take(&mut *CALLS.lock().unwrap());
+    create(&mut e, "l");
+    load(&mut e, "l", vec![spec(0, 8, "lifecycle", "")]).unwrap();
+    resume(&mut e, "l").unwrap();
+    assert_eq!(take(), ["preresume", "resume"]);
+    // The server's order: presuspend before IO drains, postsuspend with the command.
+    let suspend =
+        Command::DevSuspend { key: name("l"), opts: SuspendOpts { noflush: false, ..SuspendOpts::default() } };
+    let m = e.begin_suspend(&suspend).unwrap().0;
+    assert_eq!(take(), ["presuspend"]);
+    e.abandon_suspend(m);
+    assert_eq!(take(), ["presuspend_undo"]);
+    e.begin_suspend(&suspend).unwrap();
+    run(&mut e, suspend.clone()).unwrap();
+    assert_eq!(take(), ["presuspend", "postsuspend"]);
+    // A table whose preresume fails: the resume fails, the device stays suspended with the new
+    // table live.
+    load(&mut e, "l", vec![spec(0, 8, "lifecycle", "fail")]).unwrap();
+    assert!(matches!(resume(&mut e, "l"), Err(DmError::Invalid(_))));
+    assert_eq!(take(), ["preresume"]);
+    let d = e.device(m).unwrap();
+    assert!(d.suspended && d.inactive.is_none() && d.live.is_some());
+}

@@ -146,6 +146,9 @@ impl DeviceIo {
     /// waiting (new IO runs against whatever table is live after the resume).
     pub(crate) fn enter(self: &Arc<Self>, wait: bool) -> IoResult<Pass> {
         let mut s = self.state();
+        if s.suspended && !s.removed && wait {
+            tracing::debug!("dm-{}: IO waits for the resume", self.minor);
+        }
         while s.suspended && !s.removed {
             if !wait {
                 return Err(IoError::WouldBlock);
@@ -397,6 +400,9 @@ impl DataPlane {
             s.suspended = true;
             s.noflush |= noflush;
             s.drainers += 1;
+            if s.inflight > 0 {
+                tracing::debug!("dm-{minor}: suspend waits for {} IOs in flight", s.inflight);
+            }
             while s.inflight > 0 {
                 let (g, _) = dev
                     .changed
