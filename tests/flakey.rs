@@ -10,7 +10,6 @@ mod common;
 
 use common::{Daemon, Out};
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileExt;
 
 /// Every device here: 256 KiB.
 const SECTORS: u64 = 512;
@@ -377,6 +376,10 @@ fn flakey_random_read_corrupt_changes_at_most_one_byte_per_read() {
     // A random byte keeps its value with probability 1/256: 64 reads all unchanged is 2^-512.
     assert!(changed > 32, "only {changed} of 64 reads were corrupted");
     assert_eq!(file_bytes(&f), data, "the file is untouched");
+    // Writes are not corrupted by random_read_corrupt.
+    let o = qemu_io(&d, "fl", &["write -P 0x3c 0 64k"]);
+    assert!(!o.ok().contains("failed"), "{o:?}");
+    assert!(file_bytes(&f)[..65536].iter().all(|&b| b == 0x3c));
 }
 
 #[test]
@@ -396,6 +399,11 @@ fn flakey_random_write_corrupt_changes_at_most_one_byte_per_write() {
     }
     assert!(changed > 16, "only {changed} of 32 writes were corrupted");
     assert_eq!(got[32 * 4096..], pattern(BYTES, 15)[32 * 4096..], "nothing else written");
+    // Reads are not corrupted by random_write_corrupt.
+    let ranges: Vec<(u64, usize)> = (0..16).map(|i| (i * 4096, 4096)).collect();
+    for (&(off, len), r) in ranges.iter().zip(read_ranges(&d, "fl", &ranges).unwrap()) {
+        assert_eq!(r, got[off as usize..off as usize + len], "read at {off}");
+    }
 
     // Write-zeroes reach flakey as writes from one shared zero buffer, 1 MiB at a time: each
     // write corrupts its own copy, never the shared buffer, so every MiB has at most one

@@ -441,3 +441,81 @@ impl Target for Flakey {
         EndIo::Done(bio, result)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dm::pdev::PdevKind;
+    use crate::dm::DevNum;
+    use crate::io::bio::test_bio;
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    /// An always-down flakey with these feature words.
+    fn down(features: &str) -> Flakey {
+        Flakey {
+            dev: Arc::new(Pdev {
+                dev: DevNum::new(7, 0),
+                kind: PdevKind::File { path: "/nonexistent".into() },
+                size: Sectors(1 << 20),
+            }),
+            offset: Sectors(0),
+            up: 0,
+            down: 1,
+            start: Instant::now(),
+            faults: Faults::parse(&words(features)).unwrap(),
+            rng: Rng::seeded(),
+        }
+    }
+
+    fn mapped_data(f: &Flakey, bio: Bio) -> Vec<u8> {
+        match f.map(bio) {
+            // Dropping the bio afterwards fails it, which nobody waits for.
+            Map::Remapped(b) => b.data().unwrap().to_vec(),
+            other => panic!("not remapped: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn feature_parsing_defaults_and_zero_probabilities() {
+        let f = Faults::parse(&[]).unwrap();
+        assert!(f.error_reads && f.error_writes && !f.drop_writes);
+        let f = Faults::parse(&words("4 random_read_corrupt 0 random_write_corrupt 0")).unwrap();
+        assert!(f.error_reads && f.error_writes);
+        let f = Faults::parse(&words("1 drop_writes ignored words")).unwrap();
+        assert!(f.drop_writes && !f.error_reads && !f.error_writes);
+        let e = Faults::parse(&words("5 corrupt_bio_byte 1 r 0 4294967296")).unwrap();
+        assert_eq!(e.corrupt.unwrap().flags, 0, "%u truncates");
+    }
+
+    /// A write longer than the kernel's clone (4 MiB) is corrupted once per 4 MiB piece, each
+    /// piece at its own byte N.
+    #[test]
+    fn long_writes_are_corrupted_per_clone_sized_piece() {
+        let f = down("5 corrupt_bio_byte 2 w 170 0");
+        let sectors = (9 << 20) / 512;
+        let data = mapped_data(&f, test_bio(Op::Write, 0, sectors));
+        let hits: Vec<usize> = data.iter().enumerate().filter(|(_, &b)| b != 0).map(|(i, _)| i).collect();
+        assert_eq!(hits, vec![1, (4 << 20) + 1, (8 << 20) + 1]);
+        assert!(hits.iter().all(|&i| data[i] == 170));
+
+        let f = down("2 random_write_corrupt 1000000000");
+        let data = mapped_data(&f, test_bio(Op::Write, 0, sectors));
+        for (k, piece) in data.chunks(CLONE_MAX_BYTES).enumerate() {
+            assert!(piece.iter().filter(|&&b| b != 0).count() <= 1, "piece {k}");
+        }
+    }
+
+    #[test]
+    fn opf_encoding_matches_the_kernel_bits() {
+        let mut b = test_bio(Op::Write, 0, 1);
+        assert_eq!(bi_opf(&b), 1);
+        b.set_flags(BioFlags::FUA);
+        assert_eq!(bi_opf(&b), 1 | 1 << 17);
+        assert_eq!(bi_opf(&test_bio(Op::Read, 0, 1)), 0);
+        assert_eq!(bi_opf(&test_bio(Op::Flush, 0, 0)), 1 | 1 << 18);
+        assert_eq!(bi_opf(&test_bio(Op::Discard, 0, 1)), 3);
+    }
+}
