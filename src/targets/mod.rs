@@ -1,8 +1,11 @@
 //! Target types, one file each (the way every Linux target is one `target_type`). Adding a target
 //! is one new file plus one line in [`registry`].
 
+pub mod dust;
 pub mod error;
+pub mod flakey;
 pub mod linear;
+mod sscanf;
 pub mod striped;
 pub mod switch;
 pub mod zero;
@@ -18,5 +21,7 @@ pub fn registry() -> TargetRegistry {
     r.register(&striped::TYPE);
     r.register(&zero::TYPE);
     r.register(&switch::TYPE);
+    r.register(&flakey::TYPE);
+    r.register(&dust::TYPE);
     r
 }
