@@ -11,7 +11,8 @@
 # VARIANTS (extra dmemu servers, each with one environment setting, e.g. "DMEMU_NBD_WORKERS=0
 # DMEMU_NBD_INLINE=0": the IO-mechanism comparison), PIN=1 to run fio on CPU 0 and every server
 # on CPU 1 (qd1 figures otherwise depend on whether the scheduler puts client and server on one
-# vCPU), KEEP=1 to keep the work directory.
+# vCPU), KEEP=1 to keep the work directory, BEFORE=path/to/an/older/dmemu for a column of that
+# build's daemon beside this one (the before/after comparison of a change, one run).
 # Needs: fio nbdkit qemu-utils (apt-get install -y fio nbdkit qemu-utils), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ RUNTIME=${RUNTIME:-10}
 REPS=${REPS:-1}
 LAYERS=${LAYERS:-1}
 VARIANTS=${VARIANTS:-}
+BEFORE=${BEFORE:-}
 PIN=${PIN:-0}
 ALL_ROWS="read-qd1 read-qd32 write-qd1 write-qd32 randread-qd1 randread-qd32 randwrite-qd1 randwrite-qd32"
 ROWS=${ROWS:-$ALL_ROWS}
@@ -49,23 +51,30 @@ SERVER_CPU=() FIO_CPU=()
 if [ "$PIN" = 1 ]; then SERVER_CPU=(taskset -c 1) FIO_CPU=(taskset -c 0); fi
 
 # dmemu daemons: the default one (a), and one per variant.
-start_dmemu() { # tag [VAR=value]
-  local d=$W/dmemu-$1
+start_dmemu() { # tag [VAR=value] [binary]
+  local d=$W/dmemu-$1 bin=${3:-$DMEMU}
   mkdir -p "$d"
-  env ${2:-} "${SERVER_CPU[@]}" "$DMEMU" serve --socket "$d/control.sock" --run-dir "$d" --nbd "unix:$d/nbd.sock" --log warn &
+  env ${2:-} "${SERVER_CPU[@]}" "$bin" serve --socket "$d/control.sock" --run-dir "$d" --nbd "unix:$d/nbd.sock" --log warn &
   PIDS+=($!)
   wait_sock "$d/nbd.sock"
   wait_sock "$d/control.sock"
-  local dm="$DMEMU exec --socket $d/control.sock -- dmsetup"
+  local dm="$bin exec --socket $d/control.sock -- dmsetup"
   $dm create lin1 --table "0 2097152 linear $F 0"
   if [ "$1" = main ] && [ "$LAYERS" = 1 ]; then
-    $dm create lin2 --table "0 2097152 linear $($dm info -c --noheadings -o major,minor lin1 | tr -d ' ') 0"
-    $dm create lin3 --table "0 2097152 linear $($dm info -c --noheadings -o major,minor lin2 | tr -d ' ') 0"
+    local l1 l2
+    l1=$($dm info -c --noheadings -o major,minor lin1 | tr -d ' ')
+    $dm create lin2 --table "0 2097152 linear $l1 0"
+    l2=$($dm info -c --noheadings -o major,minor lin2 | tr -d ' ')
+    $dm create lin3 --table "0 2097152 linear $l2 0"
+    # One extra layer of a target that owns its IO, doing nothing: flakey never down, delay 0.
+    $dm create flk --table "0 2097152 flakey $l1 0 1000000 0"
+    $dm create dly --table "0 2097152 delay $l1 0 0"
   fi
 }
 start_dmemu main
 n=0
 for v in $VARIANTS; do n=$((n + 1)); start_dmemu "v$n" "$v"; done
+[ -n "$BEFORE" ] && start_dmemu before "" "$BEFORE"
 
 "${SERVER_CPU[@]}" qemu-nbd -f raw -t -x disk --shared=8 --socket="$W/qemu.sock" --fork --pid-file="$W/qemu.pid" "$F"
 "${SERVER_CPU[@]}" nbdkit -U "$W/kfile.sock" -P "$W/kfile.pid" file file="$F"
@@ -79,10 +88,14 @@ URI[nbdkit-file]="nbd+unix:///?socket=$W/kfile.sock"
 URI[nbdkit-null]="nbd+unix:///?socket=$W/knull.sock"
 URI[layer2]="nbd+unix:///lin2?socket=$W/dmemu-main/nbd.sock"
 URI[layer3]="nbd+unix:///lin3?socket=$W/dmemu-main/nbd.sock"
+URI[flakey]="nbd+unix:///flk?socket=$W/dmemu-main/nbd.sock"
+URI[delay0]="nbd+unix:///dly?socket=$W/dmemu-main/nbd.sock"
+URI[before]="nbd+unix:///lin1?socket=$W/dmemu-before/nbd.sock"
 SERVERS="dmemu qemu-nbd nbdkit-file nbdkit-null"
 n=0
 for v in $VARIANTS; do n=$((n + 1)); URI[$v]="nbd+unix:///lin1?socket=$W/dmemu-v$n/nbd.sock"; SERVERS="$SERVERS $v"; done
-[ "$LAYERS" = 1 ] && SERVERS="$SERVERS layer2 layer3"
+[ -n "$BEFORE" ] && SERVERS="$SERVERS before"
+[ "$LAYERS" = 1 ] && SERVERS="$SERVERS layer2 layer3 flakey delay0"
 
 # One fio run: prints MiB/s (sequential rows) or IOPS (random rows).
 fio_one() { # uri row
@@ -127,18 +140,24 @@ def fmt(r, v):
     return f"{v/1000:.1f}k IOPS" if r.startswith("rand") else f"{v:.0f} MiB/s"
 peers = ["dmemu", "qemu-nbd", "nbdkit-file", "nbdkit-null"]
 var = [s for s in servers if "=" in s]
-print("| figure | dmemu | qemu-nbd | nbdkit file | nbdkit null | dmemu / best of qemu-nbd, nbdkit file |" + "".join(f" dmemu {v.removeprefix('DMEMU_NBD_')} |" for v in var))
-print("|---|---|---|---|---|---|" + "---|" * len(var))
+before = "before" in servers
+print("| figure | dmemu | qemu-nbd | nbdkit file | nbdkit null | dmemu / best of qemu-nbd, nbdkit file |"
+      + (" dmemu before | after / before |" if before else "")
+      + "".join(f" dmemu {v.removeprefix('DMEMU_NBD_')} |" for v in var))
+print("|---|---|---|---|---|---|" + ("---|---|" if before else "") + "---|" * len(var))
 for r in rows:
     best = max(R[(r, "qemu-nbd")], R[(r, "nbdkit-file")])
     cells = " | ".join(fmt(r, R[(r, s)]) for s in peers)
+    b = f" {fmt(r, R[(r, 'before')])} | **{R[(r, 'dmemu')] / R[(r, 'before')]:.2f}** |" if before else ""
     extra = "".join(f" {fmt(r, R[(r, v)])} ({R[(r, v)] / R[(r, 'dmemu')]:.2f}) |" for v in var)
-    print(f"| {label(r)} | {cells} | **{R[(r, 'dmemu')] / best:.2f}** |{extra}")
+    print(f"| {label(r)} | {cells} | **{R[(r, 'dmemu')] / best:.2f}** |{b}{extra}")
 if "layer2" in servers:
     print()
-    print("| figure | 1 layer | 2 layers | 3 layers | cost of layer 2 | cost of layer 3 |")
-    print("|---|---|---|---|---|---|")
+    print("| figure | 1 layer | 2 layers | 3 layers | cost of layer 2 | cost of layer 3 | flakey over layer 1 | delay 0 over layer 1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         a, b, c = R[(r, "dmemu")], R[(r, "layer2")], R[(r, "layer3")]
-        print(f"| {label(r)} | {fmt(r, a)} | {fmt(r, b)} | {fmt(r, c)} | {(1 - b / a) * 100:+.1f} % | {(1 - c / b) * 100:+.1f} % |")
+        f, d = R[(r, "flakey")], R[(r, "delay0")]
+        print(f"| {label(r)} | {fmt(r, a)} | {fmt(r, b)} | {fmt(r, c)} | {(1 - b / a) * 100:+.1f} % | {(1 - c / b) * 100:+.1f} %"
+              f" | {fmt(r, f)} ({(1 - f / a) * 100:+.1f} %) | {fmt(r, d)} ({(1 - d / a) * 100:+.1f} %) |")
 EOF

@@ -101,6 +101,8 @@ struct Conn<'a> {
     inline: usize,
     /// Big writes may go through a pipe (`splice`).
     splice: bool,
+    /// Unbuffered payload bytes are taken with `recv(MSG_WAITALL)`.
+    waitall: bool,
     /// Idle pipes, and how many exist.
     pipes: Mutex<(Vec<Pipe>, usize)>,
     queue: Mutex<Queue>,
@@ -646,7 +648,16 @@ impl Conn<'_> {
     /// Reads a write's payload into a buffer.
     fn receive(&self, r: &mut BufReader<&File>, len: usize) -> io::Result<Vec<u8>> {
         let mut data = self.buffer(len);
-        r.read_exact(&mut data[..len])?;
+        if !self.waitall {
+            r.read_exact(&mut data[..len])?;
+            return Ok(data);
+        }
+        // What is buffered already, then the rest in one call that returns when all of it has
+        // arrived: one wake-up per payload instead of one per piece the socket hands over.
+        let pre = r.buffer().len().min(len);
+        data[..pre].copy_from_slice(&r.buffer()[..pre]);
+        r.consume(pre);
+        recv_all(sock_of(r).as_raw_fd(), &mut data[pre..len])?;
         Ok(data)
     }
 }
@@ -775,6 +786,25 @@ fn sock_of<'a>(r: &BufReader<&'a File>) -> &'a File {
     r.get_ref()
 }
 
+/// Fills `b` from a socket with `recv(MSG_WAITALL)` (which may still return early on a signal).
+fn recv_all(fd: std::os::fd::RawFd, mut b: &mut [u8]) -> io::Result<()> {
+    while !b.is_empty() {
+        // SAFETY: a valid fd and a live, exclusively borrowed buffer.
+        let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_WAITALL) };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => b = &mut b[n as usize..],
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Bytes the client has sent that we have not read yet.
 fn pending(sock: &File) -> usize {
     let mut n: libc::c_int = 0;
@@ -813,6 +843,7 @@ pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, tu
         max_workers: tuning.workers,
         inline: tuning.inline,
         splice: tuning.splice,
+        waitall: tuning.waitall,
         pipes: Mutex::new((Vec::new(), 0)),
         queue: Mutex::new(Queue {
             jobs: VecDeque::new(),

@@ -94,6 +94,8 @@ pub struct Tuning {
     pub workers: usize,
     pub inline: usize,
     pub splice: bool,
+    /// Write payloads not yet buffered are taken with one `recv(MSG_WAITALL)`.
+    pub waitall: bool,
 }
 
 impl Default for Tuning {
@@ -103,6 +105,7 @@ impl Default for Tuning {
             workers: var("DMEMU_NBD_WORKERS").unwrap_or(8),
             inline: var("DMEMU_NBD_INLINE").unwrap_or(128 << 10),
             splice: var("DMEMU_NBD_SPLICE").unwrap_or(1) != 0,
+            waitall: var("DMEMU_NBD_WAITALL").unwrap_or(1) != 0,
         }
     }
 }
