@@ -1,6 +1,7 @@
 //! Target types, one file each (the way every Linux target is one `target_type`). Adding a target
 //! is one new file plus one line in [`registry`].
 
+pub mod delay;
 pub mod error;
 pub mod linear;
 pub mod striped;
@@ -18,5 +19,6 @@ pub fn registry() -> TargetRegistry {
     r.register(&striped::TYPE);
     r.register(&zero::TYPE);
     r.register(&switch::TYPE);
+    r.register(&delay::TYPE);
     r
 }
