@@ -10,12 +10,25 @@ use crate::io::bio::{BioFlags, Buf};
 use crate::io::core::{Completion, Frame};
 use crate::io::{DataPlane, IoError, IoResult};
 
-/// A fresh file of `sectors` sectors as a Pdev numbered `251:minor`.
+/// A fresh file of `sectors` sectors as a Pdev numbered `251:minor` (an [`Unlink`] removes it).
 fn file(tag: &str, minor: u32, sectors: u64) -> Arc<Pdev> {
     let path = std::env::temp_dir().join(format!("dmemu-delay-unit-{}-{tag}-{minor}", std::process::id()));
     std::fs::File::create(&path).unwrap().set_len(sectors * 512).unwrap();
     let path = path.to_string_lossy().into_owned();
     Arc::new(Pdev { dev: DevNum::new(251, minor), kind: PdevKind::File { path }, size: Sectors(sectors) })
+}
+
+/// Removes the files of [`file`] when dropped.
+struct Unlink(Vec<Arc<Pdev>>);
+
+impl Drop for Unlink {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            if let PdevKind::File { path } = &p.kind {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
 }
 
 fn delay(classes: [(Arc<Pdev>, u64, u32); 3], argc: usize) -> Delay {
@@ -65,6 +78,7 @@ fn info(d: &Delay) -> String {
 #[test]
 fn zero_delay_passes_straight_through_and_is_not_counted() {
     let f = file("zero", 0, 64);
+    let _u = Unlink(vec![f.clone()]);
     let d = delay([(f.clone(), 8, 0), (f.clone(), 8, 0), (f.clone(), 8, 0)], 3);
     let (tx, rx) = channel();
     assert_eq!(map(&d, bio(Op::Write, 0, 8, 0x5a, &tx)), "remapped");
@@ -79,6 +93,7 @@ fn zero_delay_passes_straight_through_and_is_not_counted() {
 #[test]
 fn held_bios_are_counted_per_class_and_issued_after_their_delay() {
     let f = file("held", 0, 64);
+    let _u = Unlink(vec![f.clone()]);
     let d = delay([(f.clone(), 0, 150), (f.clone(), 0, 150), (f.clone(), 0, 150)], 3);
     let (tx, rx) = channel();
     let start = Instant::now();
@@ -103,6 +118,7 @@ fn held_bios_are_counted_per_class_and_issued_after_their_delay() {
 #[test]
 fn a_later_bio_with_a_shorter_delay_goes_first() {
     let f = file("order", 0, 64);
+    let _u = Unlink(vec![f.clone()]);
     let d = delay([(f.clone(), 0, 20), (f.clone(), 0, 400), (f.clone(), 0, 400)], 6);
     let (tx, rx) = channel();
     assert_eq!(map(&d, bio(Op::Write, 0, 1, 1, &tx)), "held");
@@ -117,6 +133,7 @@ fn a_later_bio_with_a_shorter_delay_goes_first() {
 #[test]
 fn presuspend_releases_everything_and_resume_delays_again() {
     let f = file("suspend", 0, 64);
+    let _u = Unlink(vec![f.clone()]);
     let d = delay([(f.clone(), 0, 60_000), (f.clone(), 0, 60_000), (f.clone(), 0, 60_000)], 3);
     let (tx, rx) = channel();
     map(&d, bio(Op::Write, 0, 1, 1, &tx));
@@ -140,6 +157,7 @@ fn presuspend_releases_everything_and_resume_delays_again() {
 #[test]
 fn a_sector_past_two_to_the_64_fails_without_waiting() {
     let f = file("overflow", 0, 64);
+    let _u = Unlink(vec![f.clone()]);
     let d = delay([(f.clone(), u64::MAX - 1, 60_000), (f.clone(), 0, 60_000), (f.clone(), 0, 60_000)], 3);
     let (tx, rx) = channel();
     assert_eq!(map(&d, bio(Op::Read, 4, 1, 1, &tx)), "killed");
@@ -151,6 +169,7 @@ fn a_sector_past_two_to_the_64_fails_without_waiting() {
 #[test]
 fn table_status_keeps_the_shape_of_the_line() {
     let (a, b, c) = (file("shape", 0, 8), file("shape", 1, 8), file("shape", 2, 8));
+    let _u = Unlink(vec![a.clone(), b.clone(), c.clone()]);
     let classes = || [(a.clone(), 1, 10), (b.clone(), 2, 20), (c.clone(), 3, 30)];
     assert_eq!(delay(classes(), 3).status(StatusType::Table, false), "251:0 1 10");
     assert_eq!(delay(classes(), 6).status(StatusType::Table, false), "251:0 1 10 251:1 2 20");
@@ -164,6 +183,7 @@ fn table_status_keeps_the_shape_of_the_line() {
 #[test]
 fn a_dropped_target_leaves_its_timer_harmless() {
     let f = file("drop", 0, 64);
+    let _u = Unlink(vec![f.clone()]);
     let d = delay([(f.clone(), 0, 50), (f.clone(), 0, 50), (f.clone(), 0, 50)], 3);
     let (tx, rx) = channel();
     map(&d, bio(Op::Write, 0, 1, 1, &tx));
