@@ -27,7 +27,7 @@ pub use bio::{Bio, BioFlags, Op};
 use core::{Completion, Frame, Work};
 pub use leaf::{discard_from_pipe, read_pipe, Extent};
 use leaf::{file_extents, push_extent, Backing, EXTENT_STEPS};
-pub use services::{CopyJob, Region, Services};
+pub use services::{CopyJob, Region, Services, TimerId};
 
 use crate::dm::pdev::{Pdev, PdevKind};
 use crate::dm::stats::StatsSet;

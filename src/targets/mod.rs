@@ -1,6 +1,7 @@
 //! Target types, one file each (the way every Linux target is one `target_type`). Adding a target
 //! is one new file plus one line in [`registry`].
 
+pub mod delay;
 pub mod dust;
 pub mod error;
 pub mod flakey;
@@ -23,5 +24,6 @@ pub fn registry() -> TargetRegistry {
     r.register(&switch::TYPE);
     r.register(&flakey::TYPE);
     r.register(&dust::TYPE);
+    r.register(&delay::TYPE);
     r
 }
