@@ -10,8 +10,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use super::sscanf;
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{parse_sectors, parse_u64, CtorCtx, Features, Map, Mapping, Target, TargetType};
+use crate::dm::target::{CtorCtx, Features, Map, Mapping, Target, TargetType};
 use crate::dm::{DmError, DmResult, Sectors, StatusType};
 use crate::invalid;
 use crate::io::{Bio, Op, Services, TimerId};
@@ -65,9 +66,9 @@ pub struct Delay {
 
 /// Parses one triple in the kernel's order: offset, delay, then the device (`delay_class_ctr`).
 fn class(ctx: &mut CtorCtx<'_, '_>, triple: &[String]) -> DmResult<Class> {
-    let offset = parse_sectors(&triple[1]).ok_or_else(|| invalid!("delay: Invalid device sector"))?;
-    let delay_ms =
-        parse_u64(&triple[2]).and_then(|d| u32::try_from(d).ok()).ok_or_else(|| invalid!("delay: Invalid delay"))?;
+    // `sscanf("%llu%c")` for the sector, `kstrtouint` for the delay, as dm-delay.c reads them.
+    let offset = sscanf::llu(&triple[1]).map(Sectors).ok_or_else(|| invalid!("delay: Invalid device sector"))?;
+    let delay_ms = sscanf::kstrtouint(&triple[2]).ok_or_else(|| invalid!("delay: Invalid delay"))?;
     let dev = ctx.get_device(&triple[0]).map_err(|e| match e {
         DmError::Invalid(_) => invalid!("delay: Device lookup failed"),
         other => other,

@@ -1,4 +1,4 @@
-//! The kernel's number parsers as the `flakey` and `dust` constructors and messages use them,
+//! The kernel's number parsers as the `flakey`, `dust` and `delay` constructors and messages use them,
 //! reproduced exactly rather than approximated with [`crate::dm::target::parse_u64`]: the two
 //! differ at the edges (a `+` sign, a 32-bit field given a 64-bit number), and those edges decide
 //! whether a table loads.
