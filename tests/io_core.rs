@@ -192,3 +192,23 @@ fn a_suspend_waiting_for_io_is_interrupted_by_cancel_and_the_device_keeps_runnin
     d.dmsetup(&["suspend", "a"]).ok();
     d.dmsetup(&["resume", "a"]).ok();
 }
+
+#[test]
+fn block_status_is_a_query_and_moves_no_io_counter() {
+    // The RFC switch counts remapped and unmapped IOs in its status: nbdinfo --map must not.
+    let d = Daemon::start();
+    let files: Vec<String> = (0..2).map(|i| d.file(&format!("p{i}.img"), 2048)).collect();
+    let table = format!("0 2048 switch 2 256 {} 0 {} 0", files[0], files[1]);
+    d.dmsetup(&["create", "sw", "--table", &table]).ok();
+    let counters = |d: &Daemon| {
+        let s = d.dmsetup(&["status", "sw"]).ok().to_owned();
+        s.split_whitespace().rev().take(2).map(str::to_owned).collect::<Vec<_>>()
+    };
+    assert_eq!(counters(&d), ["0", "0"]);
+    let map = d.run("nbdinfo", &["--map", &d.nbd_uri("sw")]);
+    assert!(map.ok().contains("hole,zero") || map.ok().contains("data"), "{map:?}");
+    assert_eq!(counters(&d), ["0", "0"], "block status counted as IO");
+    let o = qemu_io(&d, "sw", &["read 0 4k"]);
+    assert!(!o.ok().contains("failed"), "{o:?}");
+    assert_eq!(counters(&d), ["1", "0"], "one unmapped IO (no page table uploaded yet)");
+}

@@ -22,6 +22,8 @@ const MAX_WORKERS: usize = 256;
 type Job = Box<dyn FnOnce() + Send>;
 /// What dm-io calls with the buffer and the result.
 type IoDone = Box<dyn FnOnce(Vec<u8>, IoResult) + Send>;
+/// What [`Services::clone_to`] calls with the bio and each copy's result.
+type CloneDone = Box<dyn FnOnce(Bio, Vec<IoResult>) + Send>;
 
 /// Raised table events go here (the daemon bumps the device's event number and wakes waiters).
 pub type EventSink = Box<dyn Fn(u32, u64) + Send + Sync>;
@@ -281,6 +283,62 @@ impl Services {
         }
     }
 
+    /// Sends a copy of `bio` to each of `to` (device, sector), all sharing its data, and calls
+    /// `done` with the bio and each copy's result, in the order of `to`, once every copy has
+    /// completed: a mirror's write to all its legs (the kernel's dm-io over the bio's own pages).
+    /// `done` decides what becomes of the bio (end it, retry, or fail a leg). A piped payload is
+    /// taken into memory first.
+    pub fn clone_to(
+        &self,
+        mut bio: Bio,
+        to: &[(Arc<Pdev>, Sectors)],
+        done: impl FnOnce(Bio, Vec<IoResult>) + Send + 'static,
+    ) {
+        if to.is_empty() {
+            return done(bio, Vec::new());
+        }
+        if let Err(e) = bio.materialize() {
+            return done(bio, vec![Err(e); to.len()]);
+        }
+        struct State {
+            left: usize,
+            results: Vec<IoResult>,
+            parent: Option<Bio>,
+            done: Option<CloneDone>,
+        }
+        let state = Arc::new(Mutex::new(State {
+            left: to.len(),
+            results: vec![Ok(()); to.len()],
+            parent: None,
+            done: Some(Box::new(done)),
+        }));
+        let sectors = bio.sectors().0;
+        let mut clones = Vec::with_capacity(to.len());
+        for (i, (dev, sector)) in to.iter().enumerate() {
+            let st = state.clone();
+            let finish: Box<dyn FnOnce(Bio, IoResult) + Send> = Box::new(move |_clone, res| {
+                let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+                s.results[i] = res;
+                s.left -= 1;
+                if s.left == 0 {
+                    let (parent, done, results) = (s.parent.take(), s.done.take(), std::mem::take(&mut s.results));
+                    drop(s);
+                    if let (Some(p), Some(f)) = (parent, done) {
+                        f(p, results);
+                    }
+                }
+            });
+            let mut c = bio.child(0, sectors, Frame::Submitter(Completion::Call(finish)));
+            c.remap(dev, *sector);
+            clones.push(c);
+        }
+        // The bio waits with its data where the copies point until the last one is done.
+        state.lock().unwrap_or_else(|e| e.into_inner()).parent = Some(bio);
+        for c in clones {
+            self.submit(c);
+        }
+    }
+
     /// dm-io, synchronous, on one region: reads into or writes from `buf` (a whole number of
     /// sectors). Safe to call from a target's `map`, `end_io` or a worker.
     pub fn io_sync(&self, op: Op, flags: BioFlags, region: &Region, buf: &mut [u8]) -> IoResult {
@@ -345,5 +403,71 @@ impl DataPlane {
     /// Where raised table events go (the daemon's: event number, waiters).
     pub fn set_event_sink(&self, sink: EventSink) {
         *self.inner.services.events.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(sink));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dm::pdev::PdevKind;
+    use crate::dm::DevNum;
+
+    fn file_pdev(dir: &std::path::Path, name: &str, minor: u32) -> Arc<Pdev> {
+        let path = dir.join(name);
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        Arc::new(Pdev {
+            dev: DevNum::new(251, minor),
+            kind: PdevKind::File { path: path.to_string_lossy().into_owned() },
+            size: Sectors(16),
+        })
+    }
+
+    #[test]
+    fn a_bio_cloned_to_two_devices_writes_both_and_completes_once() {
+        let dir = std::env::temp_dir().join(format!("dmemu-clone-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (file_pdev(&dir, "a", 0), file_pdev(&dir, "b", 1));
+        let plane = DataPlane::detached();
+        let s = plane.services(0, 0);
+        let w = Arc::new(Waiter::default());
+        let data = vec![0x6bu8; 1024];
+        let bio = Bio::new(
+            Op::Write,
+            BioFlags::empty(),
+            0,
+            2,
+            Buf::Ref { ptr: NonNull::from(&data[..]).cast(), len: data.len(), writable: false },
+            Frame::Submitter(Completion::Sync(w.clone())),
+        );
+        s.clone_to(bio, &[(a.clone(), Sectors(4)), (b.clone(), Sectors(10))], |bio, results| {
+            assert_eq!(results, [Ok(()), Ok(())]);
+            bio.end(Ok(()));
+        });
+        assert_eq!(w.wait(), Ok(()));
+        let fa = std::fs::read(dir.join("a")).unwrap();
+        let fb = std::fs::read(dir.join("b")).unwrap();
+        assert!(fa[2048..3072].iter().all(|&x| x == 0x6b) && fa[..2048].iter().all(|&x| x == 0));
+        assert!(fb[5120..6144].iter().all(|&x| x == 0x6b) && fb[6144..].iter().all(|&x| x == 0));
+        // A copy to a device that cannot be opened reports its own failure.
+        let gone = Arc::new(Pdev {
+            dev: DevNum::new(251, 2),
+            kind: PdevKind::File { path: dir.join("missing/x").to_string_lossy().into_owned() },
+            size: Sectors(16),
+        });
+        let w = Arc::new(Waiter::default());
+        let bio = Bio::new(
+            Op::Write,
+            BioFlags::empty(),
+            0,
+            2,
+            Buf::Owned(vec![1u8; 1024]),
+            Frame::Submitter(Completion::Sync(w.clone())),
+        );
+        s.clone_to(bio, &[(a, Sectors(0)), (gone, Sectors(0))], |bio, results| {
+            assert!(results[0].is_ok() && results[1].is_err(), "{results:?}");
+            bio.end(results[1]);
+        });
+        assert!(w.wait().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
