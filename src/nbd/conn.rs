@@ -32,7 +32,6 @@ const MAX_INFLIGHT_BYTES: u64 = 256 << 20;
 /// Replies the reader may hold back to write together while more requests are already buffered.
 const CORK_BYTES: usize = 256 << 10;
 /// Bytes of idle buffers kept per connection, and the largest buffer worth keeping.
-const POOL_BYTES: usize = 16 << 20;
 const POOL_MAX_BUF: usize = 4 << 20;
 /// Descriptors in one block-status reply at most (the rest of the range is the client's to ask
 /// again).
@@ -103,6 +102,8 @@ struct Conn<'a> {
     splice: bool,
     /// Unbuffered payload bytes are taken with `recv(MSG_WAITALL)`.
     waitall: bool,
+    /// Bytes of idle buffers kept.
+    pool_bytes: usize,
     /// Idle pipes, and how many exist.
     pipes: Mutex<(Vec<Pipe>, usize)>,
     queue: Mutex<Queue>,
@@ -140,7 +141,7 @@ impl Conn<'_> {
     fn recycle(&self, b: Vec<u8>) {
         if b.capacity() >= 4096 && b.capacity() <= POOL_MAX_BUF {
             let mut p = lock(&self.pool);
-            if p.1 + b.capacity() <= POOL_BYTES {
+            if p.1 + b.capacity() <= self.pool_bytes {
                 p.1 += b.capacity();
                 p.0.push(b);
             }
@@ -844,6 +845,7 @@ pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, tu
         inline: tuning.inline,
         splice: tuning.splice,
         waitall: tuning.waitall,
+        pool_bytes: tuning.pool_bytes,
         pipes: Mutex::new((Vec::new(), 0)),
         queue: Mutex::new(Queue {
             jobs: VecDeque::new(),
@@ -895,11 +897,18 @@ fn flush<'s>(c: &'s Conn<'_>, s: &'s std::thread::Scope<'s, '_>) {
 
 fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Scope<'s, '_>) -> io::Result<()> {
     let mut spin = Spin::default();
+    // The client sends requests before our replies to earlier ones (it keeps several in flight):
+    // seen when the next request is already on its way as a spliced write completes, forgotten
+    // when we wait for a request with nothing in flight.
+    let mut pipelined = false;
     loop {
         if r.buffer().len() < REQUEST_LEN {
             // About to wait for the client: let it have the replies first.
             flush(c, s);
             if r.buffer().is_empty() {
+                if pipelined && pending(sock_of(r)) == 0 && lock(&c.queue).inflight == 0 {
+                    pipelined = false;
+                }
                 spin.before(sock_of(r));
             }
         }
@@ -945,7 +954,7 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
             if r.buffer().len() < len {
                 flush(c, s);
             }
-            let pipe = c.splices(&req, r.buffer().len()).then(|| c.take_pipe()).flatten();
+            let pipe = (!pipelined && c.splices(&req, r.buffer().len())).then(|| c.take_pipe()).flatten();
             let received = match pipe {
                 Some(p) if len <= p.cap => p.receive(c, r, len),
                 other => {
@@ -963,6 +972,10 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
                 Ok(Payload::Buf(d)) => data = d,
                 Ok(Payload::Piped(p)) => {
                     let more = r.buffer().len() >= REQUEST_LEN;
+                    // A client that has sent its next request before this reply keeps several in
+                    // flight: its big writes go to workers from now on, where receiving the next
+                    // payload overlaps with writing this one (the pipe would serialize them).
+                    pipelined |= more || pending(sock_of(r)) >= REQUEST_LEN;
                     // Right here, unless the device is suspended: then a worker waits for the
                     // resume with it.
                     match c.export.handle.write_from_pipe(req.offset, p.fd(), req.len as u64, false, true) {

@@ -96,6 +96,8 @@ pub struct Tuning {
     pub splice: bool,
     /// Write payloads not yet buffered are taken with one `recv(MSG_WAITALL)`.
     pub waitall: bool,
+    /// Bytes of idle request buffers a connection keeps for reuse.
+    pub pool_bytes: usize,
 }
 
 impl Default for Tuning {
@@ -106,6 +108,7 @@ impl Default for Tuning {
             inline: var("DMEMU_NBD_INLINE").unwrap_or(128 << 10),
             splice: var("DMEMU_NBD_SPLICE").unwrap_or(1) != 0,
             waitall: var("DMEMU_NBD_WAITALL").unwrap_or(1) != 0,
+            pool_bytes: var("DMEMU_NBD_POOL").unwrap_or(16 << 20),
         }
     }
 }
