@@ -1,4 +1,4 @@
-//! Control-plane benchmarks: `cargo bench --bench control -- [--pin] [--stacking-only]`.
+//! Control-plane benchmarks: `cargo bench --bench control -- [--pin] [--stacking-only] [--scale-only]`.
 //! Results and the exact commands: docs/PERFORMANCE.md.
 //!
 //! Every figure runs against a real daemon process (`dmemu serve`) through the real socket, and
@@ -39,6 +39,10 @@ struct BenchArgs {
     /// Only the data plane's stacking cost (in-process reads through 1, 2, 3 linear layers).
     #[arg(long)]
     pub stacking_only: bool,
+    /// Only the cost of a command against the number of idle devices (create+remove with 0, 100,
+    /// 1,000 and 5,000 others; `remove_all` of 5,000).
+    #[arg(long)]
+    pub scale_only: bool,
     /// Internal: serve a bare echo on this socket (the round-trip peer).
     #[arg(long, hide = true)]
     pub echo_server: Option<PathBuf>,
@@ -151,6 +155,67 @@ fn cycles(dir: &Path, n: u32) -> Result<f64> {
         c.run(&IoctlBuf::new(DmCmd::DevRemove).name("cyc"))?.check("remove")?;
     }
     Ok(rate(n, t.elapsed()))
+}
+
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// The cost of a command next to idle devices: one daemon; idle devices (each with a live
+/// `zero` table) are added between measurements, so every figure comes from the same process.
+/// Each measurement: create+load+resume+remove cycles (wall ms and daemon CPU ms per cycle).
+/// Then `remove_all` of every idle device.
+fn print_scale(dir: &Path) -> Result {
+    let sock = dir.join("scale.sock");
+    let d = spawn_daemon(&sock, false)?;
+    let pid = d.0.id();
+    let mut c = Client::connect(&sock)?;
+    let mut idle = 0u32;
+    let mut base = None;
+    for target in [0u32, 100, 1000, 5000] {
+        while idle < target {
+            let name = format!("idle{idle}");
+            c.run(&IoctlBuf::new(DmCmd::DevCreate).name(&name))?.check("create")?;
+            c.run(&IoctlBuf::new(DmCmd::TableLoad).name(&name).table([(0, 2048, "zero", "")]))?.check("load")?;
+            c.run(&IoctlBuf::new(DmCmd::DevSuspend).name(&name))?.check("resume")?;
+            idle += 1;
+        }
+        let n = 1000;
+        let (t, cpu) = (Instant::now(), cpu_time(pid));
+        for _ in 0..n {
+            c.run(&IoctlBuf::new(DmCmd::DevCreate).name("cyc"))?.check("create")?;
+            c.run(&IoctlBuf::new(DmCmd::TableLoad).name("cyc").table([(0, 2048, "zero", "")]))?.check("load")?;
+            c.run(&IoctlBuf::new(DmCmd::DevSuspend).name("cyc"))?.check("resume")?;
+            c.run(&IoctlBuf::new(DmCmd::DevRemove).name("cyc"))?.check("remove")?;
+        }
+        let ms = t.elapsed().as_secs_f64() * 1000.0 / n as f64;
+        let cpu_ms = (cpu_time(pid) - cpu).as_secs_f64() * 1000.0 / n as f64;
+        let b = *base.get_or_insert(ms);
+        println!(
+            "create+load+resume+remove next to {idle} idle devices: {ms:.3} ms ({:.2}× of none), daemon CPU {cpu_ms:.3} ms",
+            ms / b
+        );
+    }
+    if std::env::var_os("SCALE_PAUSE").is_some() {
+        eprintln!("daemon pid {pid}; remove_all in 15 s");
+        std::thread::sleep(Duration::from_secs(15));
+    }
+    let (t, cpu) = (Instant::now(), cpu_time(pid));
+    c.run(&IoctlBuf::new(DmCmd::RemoveAll))?.check("remove_all")?;
+    println!(
+        "remove_all of {idle} devices: {:.3} s, daemon CPU {:.3} s",
+        t.elapsed().as_secs_f64(),
+        (cpu_time(pid) - cpu).as_secs_f64()
+    );
+    Ok(())
 }
 
 struct BigTable {
@@ -301,6 +366,11 @@ fn main() -> Result {
         );
         Ok(())
     };
+    if args.scale_only {
+        print_scale(&dir)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
     if args.stacking_only {
         print_stacking(&dir)?;
         let _ = std::fs::remove_dir_all(&dir);
@@ -333,6 +403,7 @@ fn main() -> Result {
         b.encode.as_secs_f64()
     );
     print_stacking(&dir)?;
+    print_scale(&dir)?;
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::io::stdout().flush();
     Ok(())

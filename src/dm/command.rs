@@ -106,6 +106,24 @@ pub enum Command {
 }
 
 impl Command {
+    /// The device a command names, if it names one by key.
+    pub fn key(&self) -> Option<&DevKey> {
+        match self {
+            Command::DevRemove { key, .. }
+            | Command::DevSuspend { key, .. }
+            | Command::DevResume { key, .. }
+            | Command::DevStatus { key }
+            | Command::DevWait { key, .. }
+            | Command::TableLoad { key, .. }
+            | Command::TableClear { key }
+            | Command::TableDeps { key }
+            | Command::TableStatus { key, .. }
+            | Command::TargetMsg { key, .. }
+            | Command::SetGeometry { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
     /// Commands that change state; the server refuses them to unprivileged peers.
     pub fn mutates(&self) -> bool {
         matches!(

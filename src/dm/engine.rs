@@ -1,7 +1,7 @@
 //! The engine: every command runs here, synchronously, against devices, tables and pdevs.
 //! Like the kernel's dm-ioctl.c handlers, minus the copying (the codecs do that).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::command::*;
@@ -37,6 +37,16 @@ pub struct Engine {
     plane: DataPlane,
     /// Global event counter (§2.9): moves on create/remove/rename, table swaps and device events.
     global_event: u64,
+    /// Tables (live or inactive, of any device) using each dmemu device: kept as tables come and
+    /// go so a device's open count costs O(1), not a walk over every table.
+    users: HashMap<u32, u32>,
+    /// Devices marked for deferred removal.
+    deferred: BTreeSet<u32>,
+    /// No minor below this is free (allocation is lowest-free, as the kernel's idr).
+    free_from: u32,
+    /// Devices whose visible state may have changed since [`Self::take_changed`] last ran (the
+    /// daemon republishes only these: a command costs O(1) in the number of other devices).
+    changed: BTreeSet<u32>,
 }
 
 /// The dmemu devices among a table's underlying devices.
@@ -63,6 +73,41 @@ impl Engine {
             resolver,
             plane: DataPlane::detached(),
             global_event: 0,
+            users: HashMap::new(),
+            deferred: BTreeSet::new(),
+            free_from: 0,
+            changed: BTreeSet::new(),
+        }
+    }
+
+    /// The devices created, changed or removed since the last call, in minor order; a minor
+    /// with no device now was removed.
+    pub fn take_changed(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.changed).into_iter().collect()
+    }
+
+    /// Counts a table in (`+1`) or out (`-1`) of the users of the dmemu devices below it, and
+    /// marks those devices changed (their `holders` moved).
+    fn count_users(&mut self, t: &Table, delta: i32) {
+        let lower: HashSet<u32> = dm_minors(t.devices()).collect();
+        for m in lower {
+            let n = self.users.entry(m).or_insert(0);
+            *n = n.checked_add_signed(delta).expect("table use counts balance");
+            if *n == 0 {
+                self.users.remove(&m);
+            }
+            self.changed.insert(m);
+        }
+    }
+
+    /// Replaces a device's inactive table, keeping the use counts.
+    fn set_inactive(&mut self, m: u32, table: Option<Table>) {
+        if let Some(t) = &table {
+            self.count_users(t, 1);
+        }
+        let old = std::mem::replace(&mut self.devices.get_mut(&m).expect("found").inactive, table);
+        if let Some(t) = old {
+            self.count_users(&t, -1);
         }
     }
 
@@ -92,12 +137,14 @@ impl Engine {
     pub fn adjust_opens(&mut self, minor: u32, delta: i32) {
         if let Some(d) = self.devices.get_mut(&minor) {
             d.opens = (d.opens + delta).max(0);
+            self.changed.insert(minor);
         }
         self.reap_deferred();
     }
 
     /// `BLKROSET` on a device's block device; false if there is no such device.
     pub fn set_bdev_read_only(&mut self, minor: u32, read_only: bool) -> bool {
+        self.changed.insert(minor);
         self.devices.get_mut(&minor).map(|d| d.bdev_read_only = read_only).is_some()
     }
 
@@ -133,13 +180,7 @@ impl Engine {
     /// Openers of a device: block-device opens plus every table (live or inactive, of any device)
     /// that uses it, as the kernel's table loads open their devices.
     pub fn open_count(&self, minor: u32) -> i32 {
-        let me = self.dev_num(minor);
-        let holders = self
-            .devices
-            .values()
-            .flat_map(|d| d.live.as_deref().into_iter().chain(d.inactive.as_ref()))
-            .filter(|t| t.uses(me))
-            .count() as i32;
+        let holders = self.users.get(&minor).copied().unwrap_or(0) as i32;
         self.devices.get(&minor).map_or(0, |d| d.opens) + holders
     }
 
@@ -177,6 +218,11 @@ impl Engine {
     /// Runs one command.
     pub fn execute(&mut self, req: Request) -> DmResult<Reply> {
         let qi = req.query_inactive;
+        if req.command.mutates() {
+            if let Some(m) = req.command.key().and_then(|k| self.find(k).ok()) {
+                self.changed.insert(m);
+            }
+        }
         let reply = match req.command {
             Command::Version => Ok(Reply::Version),
             Command::RemoveAll { deferred } => {
@@ -215,7 +261,7 @@ impl Engine {
             }
             Command::TableClear { key } => {
                 let m = self.find(&key)?;
-                self.devices.get_mut(&m).expect("found").inactive = None;
+                self.set_inactive(m, None);
                 Ok(Reply::Device(self.info(m, qi)))
             }
             Command::TableDeps { key } => {
@@ -266,7 +312,7 @@ impl Engine {
                 return Err(DmError::NoDevice(format!("minor {m} unavailable")))
             }
             Some(m) => m,
-            None => (0..MINOR_LIMIT)
+            None => (self.free_from..MINOR_LIMIT)
                 .find(|m| !self.devices.contains_key(m))
                 .ok_or_else(|| DmError::NoDevice("no free minor".into()))?,
         };
@@ -281,6 +327,10 @@ impl Engine {
         }
         self.by_name.insert(name.as_str().to_owned(), minor);
         self.devices.insert(minor, Device::new(name, uuid, minor));
+        if minor == self.free_from {
+            self.free_from += 1;
+        }
+        self.changed.insert(minor);
         self.global_event += 1;
         Ok(minor)
     }
@@ -291,6 +341,12 @@ impl Engine {
         if d.table_event() {
             self.global_event += 1;
         }
+        for t in d.live.as_deref().into_iter().chain(d.inactive.as_ref()) {
+            self.count_users(t, -1);
+        }
+        self.deferred.remove(&minor);
+        self.free_from = self.free_from.min(minor);
+        self.changed.insert(minor);
         self.by_name.remove(d.name.as_str());
         if let Some(u) = &d.uuid {
             self.by_uuid.remove(u.as_str());
@@ -305,6 +361,7 @@ impl Engine {
             if deferred {
                 let d = self.devices.get_mut(&m).expect("found");
                 d.deferred_remove = true;
+                self.deferred.insert(m);
                 return Ok(Reply::Removed { name: d.name.clone(), uuid: d.uuid.clone(), deferred: true });
             }
             return Err(DmError::Busy(format!("device {} is open", self.devices[&m].name)));
@@ -316,18 +373,26 @@ impl Engine {
     /// Removes every unopened device, repeating while progress is made so stacks come apart
     /// top-down (the kernel's `dm_hash_remove_all`).
     fn remove_all(&mut self, deferred: bool) {
+        // Passes over the devices, each removing what nothing holds; a pass that removes nothing
+        // ends it. Each pass is O(devices), and only stacks take more than one.
         loop {
-            let victim = self.devices.keys().copied().find(|&m| self.open_count(m) == 0);
-            match victim {
-                Some(m) => {
+            let victims: Vec<u32> = self.devices.keys().copied().filter(|&m| self.open_count(m) == 0).collect();
+            let before = self.devices.len();
+            for m in victims {
+                // An earlier victim of this pass may have been the last user of a later one, or
+                // a later one may still hold an earlier one: recheck.
+                if self.devices.contains_key(&m) && self.open_count(m) == 0 {
                     self.destroy(m);
                 }
-                None => break,
+            }
+            if self.devices.len() == before {
+                break;
             }
         }
         if deferred {
             for d in self.devices.values_mut() {
                 d.deferred_remove = true;
+                self.deferred.insert(d.minor);
             }
         }
         if !self.devices.is_empty() {
@@ -339,9 +404,7 @@ impl Engine {
     fn reap_deferred(&mut self) {
         // Repeat while progress is made: removing one marked device can free the next one down
         // a stack.
-        while let Some(m) =
-            self.devices.values().filter(|d| d.deferred_remove).map(|d| d.minor).find(|&m| self.open_count(m) == 0)
-        {
+        while let Some(m) = self.deferred.iter().copied().find(|&m| self.open_count(m) == 0) {
             tracing::info!("deferred removal of {}", self.devices[&m].name);
             self.destroy(m);
         }
@@ -359,6 +422,7 @@ impl Engine {
             _ => {}
         }
         let m = *self.by_name.get(name).ok_or_else(|| DmError::NoDevice(name.to_owned()))?;
+        self.changed.insert(m);
         let d = self.devices.get_mut(&m).expect("indexed");
         match to {
             RenameTo::Uuid(u) => {
@@ -439,6 +503,7 @@ impl Engine {
             return false;
         }
         d.table_event();
+        self.changed.insert(m);
         self.global_event += 1;
         true
     }
@@ -474,14 +539,20 @@ impl Engine {
             self.suspend(m, opts);
             // Range checks for tables after the first happen at swap (linux-dm-abi.md §2.5); on
             // failure the new table is discarded and the device stays suspended.
-            new.validate_areas(&|p| self.size_of(p))?;
-            self.refuse_loops(&new, m)?;
+            let checked = new.validate_areas(&|p| self.size_of(p)).and_then(|()| self.refuse_loops(&new, m));
+            if let Err(e) = checked {
+                self.count_users(&new, -1);
+                return Err(e);
+            }
             let d = self.devices.get_mut(&m).expect("found");
             if new.size() != d.size() {
                 d.geometry = None;
             }
             d.read_only = new.read_only();
-            d.live = Some(Arc::new(new));
+            let old = d.live.replace(Arc::new(new));
+            if let Some(old) = old {
+                self.count_users(&old, -1);
+            }
             self.global_event += 1;
         }
         let d = self.devices.get_mut(&m).expect("found");
@@ -497,10 +568,9 @@ impl Engine {
     }
 
     fn load(&mut self, m: u32, specs: &[TargetSpec], read_only: bool) -> DmResult<()> {
-        let by_name: HashMap<String, u32> = self.by_name.clone().into_iter().collect();
-        let minors: std::collections::HashSet<u32> = self.devices.keys().copied().collect();
+        let (by_name, devices) = (&self.by_name, &self.devices);
         let dm_by_name = |n: &str| by_name.get(n).copied();
-        let dm_exists = |x: u32| minors.contains(&x);
+        let dm_exists = |x: u32| devices.contains_key(&x);
         let mut env = BuildEnv {
             self_minor: m,
             pdevs: &mut self.pdevs,
@@ -517,9 +587,8 @@ impl Engine {
         if first {
             table.validate_areas(&|p| self.size_of(p))?;
         }
-        let d = self.devices.get_mut(&m).expect("found");
-        d.queue_initialized = true;
-        d.inactive = Some(table);
+        self.devices.get_mut(&m).expect("found").queue_initialized = true;
+        self.set_inactive(m, Some(table));
         Ok(())
     }
 
@@ -569,6 +638,7 @@ impl Engine {
                     return Err(invalid!("invalid arguments for @cancel_deferred_remove"));
                 }
                 d.deferred_remove = false;
+                self.deferred.remove(&m);
                 Ok(Reply::Message(self.info(m, qi), None))
             }
             w if w.starts_with("@stats_") => {

@@ -241,3 +241,48 @@ fn suspend_and_resume_call_targets_in_the_kernels_order_and_a_failing_preresume_
     let d = e.device(m).unwrap();
     assert!(d.suspended && d.inactive.is_none() && d.live.is_some());
 }
+
+/// A device's open count comes from use counts kept as tables come and go (no walk over every
+/// table); every way a table leaves — replaced, cleared, swapped out, refused at resume, its
+/// device removed — gives its uses back, and `take_changed` names the devices a command touched.
+#[test]
+fn table_uses_balance_and_changed_devices_are_reported() {
+    let mut e = engine();
+    for n in ["low", "mid", "top"] {
+        create(&mut e, n);
+    }
+    load(&mut e, "low", vec![spec(0, 100, "zero", "")]).unwrap();
+    resume(&mut e, "low").unwrap();
+    load(&mut e, "mid", vec![spec(0, 100, "linear", "252:0 0")]).unwrap();
+    assert_eq!(e.open_count(0), 1, "an inactive table holds its devices");
+    load(&mut e, "mid", vec![spec(0, 50, "linear", "252:0 0")]).unwrap();
+    assert_eq!(e.open_count(0), 1, "a replaced inactive table gives its use back");
+    run(&mut e, Command::TableClear { key: name("mid") }).unwrap();
+    assert_eq!(e.open_count(0), 0);
+    load(&mut e, "mid", vec![spec(0, 100, "linear", "252:0 0")]).unwrap();
+    resume(&mut e, "mid").unwrap();
+    assert_eq!(e.open_count(0), 1, "the live table holds it");
+    // A table past the end of `low` is refused at the swap and gives its use back.
+    load(&mut e, "mid", vec![spec(0, 200, "linear", "252:0 0")]).unwrap();
+    assert_eq!(e.open_count(0), 2);
+    assert!(resume(&mut e, "mid").is_err());
+    assert_eq!(e.open_count(0), 1);
+    e.take_changed();
+    load(&mut e, "top", vec![spec(0, 100, "linear", "252:1 0")]).unwrap();
+    resume(&mut e, "top").unwrap();
+    assert_eq!(e.take_changed(), vec![1, 2], "top and the device it now holds");
+    assert!(matches!(run(&mut e, Command::DevRemove { key: name("mid"), deferred: false }), Err(DmError::Busy(_))));
+    run(&mut e, Command::DevRemove { key: name("top"), deferred: false }).unwrap();
+    assert_eq!(e.open_count(1), 0);
+    assert_eq!(e.take_changed(), vec![1, 2]);
+    // remove_all takes a stack apart top-down.
+    create(&mut e, "top");
+    load(&mut e, "top", vec![spec(0, 100, "linear", "252:1 0")]).unwrap();
+    resume(&mut e, "top").unwrap();
+    run(&mut e, Command::RemoveAll { deferred: false }).unwrap();
+    assert_eq!(e.devices().count(), 0);
+    assert_eq!(e.open_count(0), 0);
+    // Freed minors are reused lowest first.
+    create(&mut e, "again");
+    assert_eq!(e.devices().next().unwrap().minor, 0);
+}

@@ -364,27 +364,21 @@ impl DataPlane {
         self.device(minor).map(|d| d.state().limits).unwrap_or_default()
     }
 
-    /// Forgets devices the engine no longer has; IO waiting on them fails.
-    pub fn retain(&self, alive: impl Fn(u32) -> bool) {
-        let mut gone = Vec::new();
-        {
+    /// Forgets a device the engine no longer has; IO waiting on it fails.
+    pub fn forget(&self, minor: u32) {
+        let gone = {
             let mut devs = self.inner.devices.write().unwrap_or_else(|p| p.into_inner());
-            devs.retain(|&m, d| {
-                let keep = alive(m);
-                if !keep {
-                    let mut s = d.state();
-                    s.removed = true;
-                    s.table = None;
-                    d.changed.notify_all();
-                    gone.push(d.clone());
-                }
-                keep
-            });
+            devs.remove(&minor)
+        };
+        let Some(d) = gone else { return };
+        {
+            let mut s = d.state();
+            s.removed = true;
+            s.table = None;
+            d.changed.notify_all();
         }
-        for d in gone {
-            let held = std::mem::take(&mut *d.requeued.lock().unwrap_or_else(|p| p.into_inner()));
-            held.into_iter().for_each(|b| b.end(Err(IoError::NoDevice)));
-        }
+        let held = std::mem::take(&mut *d.requeued.lock().unwrap_or_else(|p| p.into_inner()));
+        held.into_iter().for_each(|b| b.end(Err(IoError::NoDevice)));
     }
 
     /// The kernel's suspend, after the targets' `presuspend`: stop admitting IO, wait for what is

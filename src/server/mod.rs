@@ -37,21 +37,25 @@ struct State {
 }
 
 impl State {
-    /// Brings the sysfs tree and the data plane in line with the engine after a change.
+    /// Brings the data plane and the sysfs tree in line with the engine for the devices that
+    /// changed since the last sync (O(1) in the number of other devices).
     fn sync(&mut self, io: &DataPlane) {
-        for d in self.engine.devices() {
-            io.publish_with_stats(
-                d.minor,
-                d.name.as_str(),
-                d.live.clone(),
-                d.suspended,
-                d.disk_read_only(),
-                d.stats.set(),
-            );
+        let changed = self.engine.take_changed();
+        for &m in &changed {
+            match self.engine.device(m) {
+                Some(d) => io.publish_with_stats(
+                    m,
+                    d.name.as_str(),
+                    d.live.clone(),
+                    d.suspended,
+                    d.disk_read_only(),
+                    d.stats.set(),
+                ),
+                None => io.forget(m),
+            }
         }
-        io.retain(|m| self.engine.device(m).is_some());
         // After the data plane, which works out each device's limits.
-        self.sysfs.sync(&self.engine, &|m| io.limits(m));
+        self.sysfs.sync(&self.engine, &changed, &|m| io.limits(m));
     }
 }
 
