@@ -142,6 +142,20 @@ impl Engine {
         self.reap_deferred();
     }
 
+    /// Puts back what a state record kept beside a device's tables (server/restore.rs): its
+    /// event counter, `BLKROSET` flag, deferred removal mark and read-ahead.
+    pub fn restore_marks(&mut self, minor: u32, event_nr: u32, bdev_read_only: bool, deferred: bool, read_ahead_kb: u32) {
+        let Some(d) = self.devices.get_mut(&minor) else { return };
+        d.event_nr = event_nr;
+        d.bdev_read_only = bdev_read_only;
+        d.deferred_remove = deferred;
+        d.read_ahead_kb = read_ahead_kb;
+        if deferred {
+            self.deferred.insert(minor);
+        }
+        self.changed.insert(minor);
+    }
+
     /// `BLKROSET` on a device's block device; false if there is no such device.
     pub fn set_bdev_read_only(&mut self, minor: u32, read_only: bool) -> bool {
         self.changed.insert(minor);

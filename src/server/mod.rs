@@ -2,6 +2,8 @@
 //! engine behind one lock, event delivery, and the sysfs tree.
 
 mod plist;
+pub mod record;
+mod restore;
 pub mod resolver;
 pub mod sysfs;
 
@@ -34,29 +36,38 @@ pub struct ServeConfig {
 struct State {
     engine: Engine,
     sysfs: sysfs::Sysfs,
+    record: record::StateRecord,
 }
 
 impl State {
-    /// Brings the data plane and the sysfs tree in line with the engine for the devices that
-    /// changed since the last sync (O(1) in the number of other devices).
     fn sync(&mut self, io: &DataPlane) {
-        let changed = self.engine.take_changed();
-        for &m in &changed {
-            match self.engine.device(m) {
-                Some(d) => io.publish_with_stats(
-                    m,
-                    d.name.as_str(),
-                    d.live.clone(),
-                    d.suspended,
-                    d.disk_read_only(),
-                    d.stats.set(),
-                ),
-                None => io.forget(m),
-            }
-        }
-        // After the data plane, which works out each device's limits.
-        self.sysfs.sync(&self.engine, &changed, &|m| io.limits(m));
+        sync(&mut self.engine, &mut self.sysfs, &self.record, io);
     }
+}
+
+/// Brings the data plane, the state record and the sysfs tree in line with the engine for the
+/// devices that changed since the last sync (O(1) in the number of other devices).
+fn sync(engine: &mut Engine, sysfs: &mut sysfs::Sysfs, record: &record::StateRecord, io: &DataPlane) {
+    let changed = engine.take_changed();
+    for &m in &changed {
+        // The record first: once a command is answered, a daemon restarted after any death
+        // brings its effect back (docs/reliability.md).
+        let recorded = match engine.device(m) {
+            Some(d) => {
+                io.publish_with_stats(m, d.name.as_str(), d.live.clone(), d.suspended, d.disk_read_only(), d.stats.set());
+                record.write_device(d)
+            }
+            None => {
+                io.forget(m);
+                record.remove_device(m)
+            }
+        };
+        if let Err(e) = recorded {
+            tracing::error!("state record of dm-{m} not updated (a restart would not restore it as it is): {e}");
+        }
+    }
+    // After the data plane, which works out each device's limits.
+    sysfs.sync(engine, &changed, &|m| io.limits(m));
 }
 
 /// Per-connection poll state: the global event counter saved at connect or DM_DEV_ARM_POLL.
@@ -153,8 +164,10 @@ impl Daemon {
             facts.push((hello::FUSE_DIR, d));
         }
         let hello = hello::encode(&facts);
+        let record = record::StateRecord::open(&cfg.run_dir)?;
+        let records = record.devices();
         let mut engine = engine;
-        Ok(Arc::new_cyclic(|me: &std::sync::Weak<Daemon>| {
+        let daemon = Arc::new_cyclic(|me: &std::sync::Weak<Daemon>| {
             let opener = me.clone();
             // Front ends opening a device count as openers of its block device.
             let io = DataPlane::new(Box::new(move |minor, open| {
@@ -179,7 +192,7 @@ impl Daemon {
             }));
             engine.set_data_plane(io.clone());
             Self {
-                state: Mutex::new(State { engine, sysfs }),
+                state: Mutex::new(State { engine, sysfs, record }),
                 events: Condvar::new(),
                 conns: Mutex::new(Vec::new()),
                 hello,
@@ -187,7 +200,16 @@ impl Daemon {
                 io,
                 netbsd_errors: cfg.netbsd_errors,
             }
-        }))
+        });
+        if !records.is_empty() {
+            let wanted = records.len();
+            let mut st = daemon.lock();
+            let State { engine, sysfs, record } = &mut *st;
+            let io = &daemon.io;
+            let back = restore::restore(engine, records, &mut |e| sync(e, sysfs, record, io));
+            tracing::info!("restored {back} of {wanted} device(s) from the state record in {}", cfg.run_dir.display());
+        }
+        Ok(daemon)
     }
 
     /// The data plane, for front ends (NBD, FUSE).

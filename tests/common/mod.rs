@@ -18,6 +18,7 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub socket: PathBuf,
     child: Child,
+    extra: Vec<String>,
 }
 
 /// The output of one client run.
@@ -64,25 +65,40 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("control.sock");
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Self::spawn(&dir, &socket, &extra);
+        Daemon { dir, socket, child, extra }
+    }
+
+    fn spawn(dir: &Path, socket: &Path, extra: &[String]) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
         let child = Command::new(bin())
             .args(["serve", "--socket"])
-            .arg(&socket)
+            .arg(socket)
             .arg("--run-dir")
-            .arg(&dir)
+            .arg(dir)
             .args(extra)
             .env("DMEMU_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start dmemu serve");
-        let d = Daemon { dir, socket, child };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&d.socket).is_err() {
+        while UnixStream::connect(socket).is_err() {
             assert!(Instant::now() < deadline, "daemon did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
-        d
+        child
+    }
+
+    /// Sends `signal` to the daemon, waits for it to end, and starts a new one on the same run
+    /// directory and socket (its log appended to the same file). Returns the old one's exit status.
+    pub fn restart_after(&mut self, signal: i32) -> std::process::ExitStatus {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let status = self.child.wait().unwrap();
+        self.child = Self::spawn(&self.dir, &self.socket, &self.extra);
+        status
     }
 
     /// Runs `dmemu nbsd ARGS` (NetBSD's dmctl over the proplib ioctl) against this daemon, with
