@@ -40,13 +40,15 @@ fn exec_starts_a_daemon_when_none_answers() {
     // The same daemon answers the second client: the device made by one is seen by the next.
     let created = run(&["create", "auto", "--table", "0 8 zero"]);
     let ls = run(&["ls"]);
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     kill_daemon_for(&sock);
     assert!(out.status.success(), "{out:?}");
     assert!(stdout.ends_with("Driver version:    4.48.0\n"), "{stdout}");
     assert!(created.status.success(), "{created:?}");
     let ls = String::from_utf8_lossy(&ls.stdout).into_owned();
     assert!(ls.starts_with("auto\t("), "{ls}");
-    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(mode, 0o600);
+    assert!(!socket.exists(), "SIGTERM removes the control socket");
     assert!(dir.join("sub/dmemu.log").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

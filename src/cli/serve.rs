@@ -56,10 +56,8 @@ pub fn run(a: ServeArgs) -> Result {
     let major = a.major.unwrap_or(free);
     let file_major = if file_major == major { free } else { file_major };
     let fuse_dir = a.fuse_dir.map(std::path::absolute).transpose()?;
-    if let Some(d) = &fuse_dir {
-        // Before any thread starts, so every thread inherits the blocked signals.
-        dmemu::fuse::unmount_on_exit_signals(d.clone())?;
-    }
+    // Before any thread starts, so every thread inherits the blocked signals.
+    let signals = server::signals::block_exit_signals();
     let cfg = ServeConfig {
         socket: socket.clone(),
         run_dir,
@@ -82,6 +80,20 @@ pub fn run(a: ServeArgs) -> Result {
     };
     let nbd = dmemu::nbd::listeners(&a.nbd, &cfg.run_dir)?;
     dmemu::nbd::start(daemon.io().clone(), &nbd, dmemu::nbd::Tuning::default())?;
-    daemon.serve(&socket)?;
+    let listener = server::bind_control(&socket)?;
+    {
+        // What an exit signal does (docs/reliability.md, "Stopping"): no new control clients,
+        // the FUSE mount detached (a dead daemon's mount would fail every access with ENOTCONN).
+        let (socket, fuse_dir) = (socket.clone(), fuse_dir.clone());
+        server::signals::on_exit_signal(signals, move |sig| {
+            tracing::info!("{}: stopping", server::signals::name(sig));
+            let _ = std::fs::remove_file(&socket);
+            if let Some(d) = &fuse_dir {
+                dmemu::fuse::unmount(d);
+            }
+            tracing::info!("{}: stopped; the state record keeps every device for the next start", server::signals::name(sig));
+        })?;
+    }
+    daemon.accept_loop(listener)?;
     Ok(())
 }

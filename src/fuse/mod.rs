@@ -440,35 +440,3 @@ pub fn mount(dir: &Path, io: DataPlane) -> io::Result<FuseMount> {
     let session = fuser::Session::new(fs, &dir, &cfg)?.spawn()?;
     Ok(FuseMount { dir, _session: session })
 }
-
-/// Makes SIGTERM, SIGINT and SIGHUP detach the mount on `dir` before the process dies of them (a
-/// dead daemon's mount would otherwise linger, failing every access with ENOTCONN). Call before any
-/// other thread starts: the signals are blocked here and inherited blocked, and one thread waits for
-/// them.
-pub fn unmount_on_exit_signals(dir: PathBuf) -> io::Result<()> {
-    // SAFETY: signal-set manipulation on a local set; pthread_sigmask on this thread.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    std::thread::Builder::new().name("dmemu-signals".into()).spawn(move || {
-        let mut sig = 0;
-        // SAFETY: waits on the blocked set, then dies of the same signal with its default action
-        // so the exit status is what it would have been without us.
-        unsafe {
-            while libc::sigwait(&set, &mut sig) != 0 {}
-            unmount(&dir);
-            tracing::info!("signal {sig}: unmounted {}", dir.display());
-            libc::signal(sig, libc::SIG_DFL);
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-            libc::raise(sig);
-            libc::_exit(128 + sig);
-        }
-    })?;
-    Ok(())
-}

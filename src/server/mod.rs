@@ -5,11 +5,12 @@ mod plist;
 pub mod record;
 mod restore;
 pub mod resolver;
+pub mod signals;
 pub mod sysfs;
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -224,19 +225,7 @@ impl Daemon {
 
     /// Binds the socket (mode 0600) and serves forever.
     pub fn serve(self: &Arc<Self>, socket: &Path) -> io::Result<()> {
-        if let Some(dir) = socket.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        if UnixStream::connect(socket).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("a daemon already serves {}", socket.display()),
-            ));
-        }
-        let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket)?;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-        tracing::info!("serving device-mapper control on {}", socket.display());
+        let listener = bind_control(socket)?;
         self.accept_loop(listener)
     }
 
@@ -554,6 +543,34 @@ impl Daemon {
         }
         (result, after)
     }
+}
+
+/// Binds the control socket with mode 0600 from the start: bound in a fresh directory only we
+/// can enter, given its mode there, then renamed into place, so no permissive umask ever
+/// exposes it (a Unix socket is reached by its inode: the rename keeps it listening). A socket
+/// file nobody answers on is stale (a daemon that died) and is replaced; one that answers is
+/// another daemon's, and an error.
+pub fn bind_control(socket: &Path) -> io::Result<UnixListener> {
+    let dir = socket.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    if UnixStream::connect(socket).is_ok() {
+        return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("a daemon already serves {}", socket.display())));
+    }
+    let file = socket.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "socket path has no file name"))?;
+    let private = dir.join(format!(".{}.{}", file.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let bound = (|| -> io::Result<UnixListener> {
+        let temp = private.join("s");
+        let listener = UnixListener::bind(&temp)?;
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&temp, socket)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    let listener = bound?;
+    tracing::info!("serving device-mapper control on {}", socket.display());
+    Ok(listener)
 }
 
 /// How draining a device's IO for a suspend ended.
