@@ -14,7 +14,17 @@ use dmemu::client::{Client, IoctlBuf};
 use dmemu::ioctl::layout::DmCmd;
 
 fn qemu_io(d: &Daemon, name: &str, cmds: &[&str]) -> Out {
+    qemu_io_with(d, name, &[], cmds)
+}
+
+/// `qemu-io -r`: a read-only device's export takes no read-write client.
+fn qemu_io_ro(d: &Daemon, name: &str, cmds: &[&str]) -> Out {
+    qemu_io_with(d, name, &["-r"], cmds)
+}
+
+fn qemu_io_with(d: &Daemon, name: &str, opts: &[&str], cmds: &[&str]) -> Out {
     let mut args = vec!["-f", "raw"];
+    args.extend(opts);
     for c in cmds {
         args.extend(["-c", c]);
     }
@@ -182,11 +192,11 @@ fn read_only_tables_open_read_only() {
     let (ro, rw) = (libc::O_RDONLY as u32, libc::O_RDWR as u32);
     d.dmsetup(&["create", "r", "--readonly", "--table", &format!("0 2048 linear {} 0", f.display())]).ok();
     assert_eq!(modes_on(&d, &f), vec![ro]);
-    io_ok(&qemu_io(&d, "r", &["read -P 0x5a 0 1M"]));
+    io_ok(&qemu_io_ro(&d, "r", &["read -P 0x5a 0 1M"]));
     d.dmsetup(&["create", "w", "--table", &format!("0 2048 linear {} 0", f.display())]).ok();
     assert_eq!(modes_on(&d, &f), vec![ro, rw], "the read-write table upgraded to a read-write open");
     io_ok(&qemu_io(&d, "w", &["write -P 0x6b 0 4k", "flush"]));
-    io_ok(&qemu_io(&d, "r", &["read -P 0x6b 0 4k"]));
+    io_ok(&qemu_io_ro(&d, "r", &["read -P 0x6b 0 4k"]));
     // Another read-only table shares an open that can read.
     d.dmsetup(&["create", "r2", "--readonly", "--table", &format!("0 2048 linear {} 0", f.display())]).ok();
     assert_eq!(modes_on(&d, &f).len(), 2);

@@ -108,28 +108,100 @@ fn flush(f: &Backing) -> IoResult {
     Ok(())
 }
 
-/// An open underlying file, and whether it lives in memory (tmpfs, ramfs: reads never wait
-/// for a disk, though such filesystems do not support `RWF_NOWAIT`).
-pub(crate) struct Backing {
+/// An open underlying file or block device: what a pdev holds from its table's load until the
+/// last table (or IO) using it lets go, as the kernel holds a `dm_dev` (dm_get_device /
+/// dm_put_device). All IO goes through this fd; the path is never opened again.
+pub struct Backing {
     file: File,
+    /// Lives in memory (tmpfs, ramfs): reads never wait for a disk, though such filesystems do
+    /// not support `RWF_NOWAIT`.
     memory: bool,
+    /// A block device (sized with `BLKGETSIZE64`), else a regular file (sized with `fstat`).
+    block: bool,
+    /// Opened for writing too (`FMODE_WRITE`).
+    writable: bool,
     /// A write completed since the last flush began: the next flush must reach the disk.
     dirty: AtomicBool,
 }
 
+/// `_IOR(0x12, 114, size_t)`: a block device's size in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
 impl Backing {
+    /// Opens `path` (following symlinks, as the kernel's path lookup does) read-only or
+    /// read-write. Anything but a regular file or a block device is refused (`ENODEV`).
+    ///
+    /// Block devices are not opened `O_EXCL`: the kernel's exclusive claim is shared by every dm
+    /// device (one holder), which a per-open userspace claim cannot express — a second table
+    /// over the same device, resolved while the first holds it, would fail with EBUSY.
+    pub fn open(path: &str, writable: bool) -> std::io::Result<Backing> {
+        let file = std::fs::OpenOptions::new().read(true).write(writable).open(path)?;
+        Self::with_mode(file, writable)
+    }
+
+    /// Opens the file this one holds again, by its fd rather than a path (`/proc/self/fd`), e.g.
+    /// read-write when it was opened read-only: the same file even if its path now names another.
+    pub fn reopen(&self, writable: bool) -> std::io::Result<Backing> {
+        Self::open(&format!("/proc/self/fd/{}", self.file.as_raw_fd()), writable)
+    }
+
     // `f_type` and TMPFS_MAGIC have different integer types on other targets.
     #[allow(clippy::useless_conversion)]
-    pub(crate) fn new(file: File) -> Self {
+    fn with_mode(file: File, writable: bool) -> std::io::Result<Backing> {
+        let ft = file.metadata()?.file_type();
+        let block = std::os::unix::fs::FileTypeExt::is_block_device(&ft);
+        if !ft.is_file() && !block {
+            return Err(std::io::Error::from_raw_os_error(libc::ENODEV));
+        }
         // SAFETY: a valid fd and an out-buffer of the right type.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         const RAMFS_MAGIC: i64 = 0x8584_58f6;
         // Regular files only: a block device node lives on devtmpfs, which reports tmpfs too.
-        let regular = file.metadata().is_ok_and(|m| m.file_type().is_file());
-        let memory = regular
+        let memory = ft.is_file()
             && unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0
             && matches!(i64::from(st.f_type), x if x == i64::from(libc::TMPFS_MAGIC) || x == RAMFS_MAGIC);
-        Backing { file, memory, dirty: AtomicBool::new(false) }
+        Ok(Backing { file, memory, block, writable, dirty: AtomicBool::new(false) })
+    }
+
+    /// The identity of what is open: `(st_dev, st_ino)` for a regular file, `st_rdev` for a
+    /// block device (from `fstat` of the fd, never a second look at the path).
+    pub fn identity(&self) -> std::io::Result<(u64, u64, Option<u64>)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        Ok((m.dev(), m.ino(), self.block.then(|| m.rdev())))
+    }
+
+    /// The current size in whole sectors, as `bdev_nr_sectors` reads it at each use.
+    pub fn size(&self) -> std::io::Result<Sectors> {
+        let bytes = if self.block {
+            let mut n: u64 = 0;
+            // SAFETY: a valid fd and a live u64 for the ioctl to fill.
+            if unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64 as _, &mut n) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            n
+        } else {
+            self.file.metadata()?.len()
+        };
+        Ok(Sectors(bytes / Sectors::SIZE))
+    }
+
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn is_block(&self) -> bool {
+        self.block
+    }
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backing")
+            .field("fd", &self.file.as_raw_fd())
+            .field("block", &self.block)
+            .field("writable", &self.writable)
+            .finish()
     }
 }
 
