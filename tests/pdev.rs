@@ -111,7 +111,7 @@ fn removed_devices_close_their_files() {
     // The first cycle starts whatever the daemon keeps for good (NBD workers, pools).
     cycle(&mut c, 0);
     let before = daemon_fds(&d).len();
-    for i in 1..=100 {
+    for i in 1..=64 {
         cycle(&mut c, i);
     }
     let fds = daemon_fds(&d);
@@ -206,6 +206,25 @@ fn read_only_tables_open_read_only() {
     d.dmsetup(&["remove", "r"]).ok();
     assert!(modes_on(&d, &f).is_empty());
 
+    // A read-write table over a file that cannot be opened for writing fails to load, as the
+    // kernel's open for FMODE_WRITE fails; a read-only one loads. A running program's file refuses
+    // O_RDWR (ETXTBSY) even to root.
+    let prog = d.path("prog");
+    std::fs::copy("/bin/sleep", &prog).unwrap();
+    let mut running = std::process::Command::new(&prog).arg("60").spawn().unwrap();
+    let busy = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(5));
+        std::fs::OpenOptions::new().read(true).write(true).open(&prog).is_err()
+    });
+    if busy {
+        let line = format!("0 8 linear {} 0", prog.display());
+        let o = d.dmsetup(&["create", "text", "--table", &line]);
+        assert!(o.err().contains("Invalid argument"), "{o:?}");
+        d.dmsetup(&["create", "text", "--readonly", "--table", &line]).ok();
+        assert_eq!(modes_on(&d, &prog), vec![ro]);
+    }
+    running.kill().unwrap();
+    running.wait().unwrap();
 }
 
 /// The range check at load reads each device's size as it is then, not as it was when the file

@@ -37,7 +37,13 @@ fn open(path: &str, writable: bool) -> DmResult<Resolved> {
             if e.raw_os_error() == Some(libc::ENXIO) {
                 if let Some(md) = std::fs::metadata(path).ok().filter(|m| m.file_type().is_block_device()) {
                     let identity = Identity::Block(devnum(md.rdev()));
-                    return Ok(Resolved { identity, path: path.to_owned(), size: Sectors(0), handle: Handle::NoDriver, writable });
+                    return Ok(Resolved {
+                        identity,
+                        path: path.to_owned(),
+                        size: Sectors(0),
+                        handle: Handle::NoDriver,
+                        writable,
+                    });
                 }
             }
             Err(DmError::NoSuchBlockDevice(format!("{path}: {e}")))
