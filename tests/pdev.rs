@@ -262,3 +262,28 @@ fn the_range_check_sees_the_size_at_this_load() {
     d.dmsetup(&["resume", "fits"]).ok();
     assert_eq!(d.dmsetup(&["table", "fits"]).ok().split(' ').nth(1), Some("4000"));
 }
+
+/// Only regular files and block devices are devices: a FIFO, a directory or a character device is
+/// refused at load, without opening it (a FIFO's open would wait for a writer).
+#[test]
+fn paths_that_are_not_devices_are_refused_without_opening_them() {
+    let d = Daemon::start();
+    let fifo = d.path("fifo");
+    let c = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let dir = d.path("subdir");
+    std::fs::create_dir(&dir).unwrap();
+    for (p, ro) in
+        [(fifo.as_path(), true), (fifo.as_path(), false), (dir.as_path(), true), (Path::new("/dev/null"), true)]
+    {
+        let line = format!("0 8 linear {} 0", p.display());
+        let mut args = vec!["create", "x", "--table", &line];
+        if ro {
+            args.push("--readonly");
+        }
+        let o = d.dmsetup(&args);
+        assert!(o.err().contains("Invalid argument"), "{p:?}: {o:?}");
+    }
+    assert!(d.alive());
+}

@@ -2,8 +2,8 @@
 //! (`preadv2(RWF_NOWAIT)` for reads that must not wait, `RWF_DSYNC` for FUA), `splice` for
 //! payloads waiting in a pipe, `fallocate` for discard and write-zeroes, `fdatasync` for flushes.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -124,32 +124,70 @@ pub struct Backing {
     dirty: AtomicBool,
 }
 
+/// Opens what `fd` refers to anew, in the given mode (`/proc/self/fd/N`, which reaches the very
+/// inode, with the permission checks of an open).
+fn open_fd(fd: &File, writable: bool) -> std::io::Result<File> {
+    OpenOptions::new().read(true).write(writable).open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Why [`Backing::open`] failed, and the device number if the path names a block node that could
+/// not be opened (ENXIO there: no driver behind its major).
+#[derive(Debug)]
+pub struct OpenError {
+    pub error: std::io::Error,
+    pub block: Option<u64>,
+}
+
 /// `_IOR(0x12, 114, size_t)`: a block device's size in bytes.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 impl Backing {
     /// Opens `path` (following symlinks, as the kernel's path lookup does) read-only or
-    /// read-write. Anything but a regular file or a block device is refused (`ENODEV`).
+    /// read-write. The path is looked at once, with `O_PATH` (which opens nothing: no wait on a
+    /// FIFO, none of the side effects of opening a character device); anything but a regular
+    /// file or a block device is refused (`ENODEV`), and what was looked at is then opened
+    /// through that fd, so it is the same file whatever the path names by then.
     ///
     /// Block devices are not opened `O_EXCL`: the kernel's exclusive claim is shared by every dm
     /// device (one holder), which a per-open userspace claim cannot express — a second table
     /// over the same device, resolved while the first holds it, would fail with EBUSY.
-    pub fn open(path: &str, writable: bool) -> std::io::Result<Backing> {
-        let file = std::fs::OpenOptions::new().read(true).write(writable).open(path)?;
-        Self::with_mode(file, writable)
+    pub fn open(path: &str, writable: bool) -> Result<Backing, OpenError> {
+        let plain = |error| OpenError { error, block: None };
+        let at = OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(path).map_err(plain)?;
+        let md = at.metadata().map_err(plain)?;
+        let block = md.file_type().is_block_device();
+        if !md.file_type().is_file() && !block {
+            return Err(plain(std::io::Error::from_raw_os_error(libc::ENODEV)));
+        }
+        let file = match open_fd(&at, writable) {
+            // No /proc: the path again, accepted only if it still names what was looked at.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let f = OpenOptions::new().read(true).write(writable).open(path);
+                f.and_then(|f| {
+                    let m = f.metadata()?;
+                    if (m.dev(), m.ino()) != (md.dev(), md.ino()) {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
+                    }
+                    Ok(f)
+                })
+            }
+            r => r,
+        };
+        let file = file.map_err(|error| OpenError { error, block: block.then(|| md.rdev()) })?;
+        Self::with_mode(file, writable).map_err(plain)
     }
 
-    /// Opens the file this one holds again, by its fd rather than a path (`/proc/self/fd`), e.g.
-    /// read-write when it was opened read-only: the same file even if its path now names another.
+    /// Opens the file this one holds again, by its fd rather than a path, e.g. read-write when
+    /// it was opened read-only: the same file even if its path now names another.
     pub fn reopen(&self, writable: bool) -> std::io::Result<Backing> {
-        Self::open(&format!("/proc/self/fd/{}", self.file.as_raw_fd()), writable)
+        Self::with_mode(open_fd(&self.file, writable)?, writable)
     }
 
     // `f_type` and TMPFS_MAGIC have different integer types on other targets.
     #[allow(clippy::useless_conversion)]
     fn with_mode(file: File, writable: bool) -> std::io::Result<Backing> {
         let ft = file.metadata()?.file_type();
-        let block = std::os::unix::fs::FileTypeExt::is_block_device(&ft);
+        let block = ft.is_block_device();
         if !ft.is_file() && !block {
             return Err(std::io::Error::from_raw_os_error(libc::ENODEV));
         }
@@ -166,7 +204,6 @@ impl Backing {
     /// The identity of what is open: `(st_dev, st_ino)` for a regular file, `st_rdev` for a
     /// block device (from `fstat` of the fd, never a second look at the path).
     pub fn identity(&self) -> std::io::Result<(u64, u64, Option<u64>)> {
-        use std::os::unix::fs::MetadataExt;
         let m = self.file.metadata()?;
         Ok((m.dev(), m.ino(), self.block.then(|| m.rdev())))
     }

@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use bio::Buf;
 pub use bio::{Bio, BioFlags, Op};
 use core::{Completion, Frame, Work};
-pub use leaf::{discard_from_pipe, read_pipe, Backing, Extent};
+pub use leaf::{discard_from_pipe, read_pipe, Backing, Extent, OpenError};
 use leaf::{file_extents, push_extent, EXTENT_STEPS};
 pub use services::{CopyJob, Region, Services, TimerId};
 

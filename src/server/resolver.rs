@@ -2,12 +2,9 @@
 //! opens them, once per table load. Identity and size come from the opened fd, so what a table
 //! names at load is what its IO reaches, whatever happens to the path afterwards.
 
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::fs::MetadataExt;
-
 use crate::dm::pdev::{DeviceResolver, Handle, Identity, Pdev, Resolved};
 use crate::dm::{DevNum, DmError, DmResult, Sectors};
-use crate::io::Backing;
+use crate::io::{Backing, OpenError};
 
 pub struct FsResolver;
 
@@ -31,23 +28,13 @@ fn resolved(path: &str, f: Backing) -> DmResult<Resolved> {
 fn open(path: &str, writable: bool) -> DmResult<Resolved> {
     match Backing::open(path, writable) {
         Ok(f) => resolved(path, f),
-        Err(e) => {
-            // A block node whose major has no driver (ENXIO) may be one of dmemu's own devices,
-            // which the engine reaches without an fd: it is told the number.
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                if let Some(md) = std::fs::metadata(path).ok().filter(|m| m.file_type().is_block_device()) {
-                    let identity = Identity::Block(devnum(md.rdev()));
-                    return Ok(Resolved {
-                        identity,
-                        path: path.to_owned(),
-                        size: Sectors(0),
-                        handle: Handle::NoDriver,
-                        writable,
-                    });
-                }
-            }
-            Err(DmError::NoSuchBlockDevice(format!("{path}: {e}")))
+        // A block node whose major has no driver may be one of dmemu's own devices, which the
+        // engine reaches without an fd: it is told the number.
+        Err(OpenError { error, block: Some(rdev) }) if error.raw_os_error() == Some(libc::ENXIO) => {
+            let identity = Identity::Block(devnum(rdev));
+            Ok(Resolved { identity, path: path.to_owned(), size: Sectors(0), handle: Handle::NoDriver, writable })
         }
+        Err(e) => Err(DmError::NoSuchBlockDevice(format!("{path}: {}", e.error))),
     }
 }
 
