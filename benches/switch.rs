@@ -204,11 +204,7 @@ fn fake_paths(n: u32) -> Vec<(Arc<Pdev>, Sectors)> {
     (0..n)
         .map(|i| {
             (
-                Arc::new(Pdev {
-                    dev: DevNum::new(8, i),
-                    kind: PdevKind::Block { path: format!("/dev/p{i}") },
-                    size: Sectors(0),
-                }),
+                Arc::new(Pdev::new(DevNum::new(8, i), PdevKind::Block { path: format!("/dev/p{i}") }, Sectors(0))),
                 Sectors(0),
             )
         })

@@ -544,7 +544,8 @@ impl Engine {
     fn size_of(&self, p: &Pdev) -> Sectors {
         match p.kind {
             PdevKind::Dm { minor } => self.devices.get(&minor).map(Device::size).unwrap_or_default(),
-            _ => p.size,
+            // The size now, from the held fd (`bdev_nr_sectors` at check time).
+            _ => self.resolver.size(p).unwrap_or_else(|| p.size()),
         }
     }
 

@@ -1,7 +1,7 @@
 //! A table: ordered targets covering sectors 0..size without gaps (NetBSD's dm_table.c,
 //! Linux's dm-table.c).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -151,16 +151,17 @@ impl Table {
     }
 
     /// Every device area must fit inside its device (`device_area_is_invalid`, linux-dm-abi.md
-    /// §2.5). `size_of` gives a device's current size; zero-sized devices are not checked, as in
-    /// the kernel.
+    /// §2.5). `size_of` gives a device's current size (asked once per device: a million targets
+    /// over one file read its size once); zero-sized devices are not checked, as in the kernel.
     pub fn validate_areas(&self, size_of: &dyn Fn(&Pdev) -> Sectors) -> DmResult<()> {
         let mut err = None;
+        let mut sizes: HashMap<DevNum, u64> = HashMap::new();
         for t in &self.targets {
             t.target.iterate_devices(t.len, &mut |p, start, len| {
                 if err.is_some() {
                     return;
                 }
-                let size = size_of(p).0;
+                let size = *sizes.entry(p.dev).or_insert_with(|| size_of(p).0);
                 if size == 0 {
                     return;
                 }

@@ -224,19 +224,41 @@ impl CtorCtx<'_, '_> {
         Ok(p)
     }
 
+    /// Resolves `name` and opens what it names, in this table's mode, once; a device some table
+    /// already holds in a mode that will do is shared (the kernel's `find_table_device`).
     fn lookup(&mut self, name: &str) -> DmResult<Arc<Pdev>> {
+        let writable = !self.read_only;
         let env = &mut *self.env;
         let lookup_failed = || invalid!("device lookup failed for {name:?}");
         if let Some(dev) = DevNum::parse(name) {
             if dev.major == env.pdevs.dm_major() {
                 return if (env.dm_exists)(dev.minor) { Ok(env.pdevs.get_dm(dev.minor)) } else { Err(lookup_failed()) };
             }
-            if dev.major == env.pdevs.file_major() {
-                let path = env.pdevs.file_path(dev.minor).ok_or_else(lookup_failed)?.to_owned();
-                let r = env.resolver.resolve_path(&path).map_err(|_| lookup_failed())?;
+            // A number names a device, not a path: a held one is that device.
+            if let Some(p) = env.pdevs.held(dev, writable) {
+                if let Some(s) = env.resolver.size(&p) {
+                    p.set_size(s);
+                }
+                return Ok(p);
+            }
+            if let Some(p) = env.pdevs.held(dev, false) {
+                let r = env.resolver.reopen(&p, writable).map_err(|e| {
+                    tracing::debug!("reopening {name:?}: {e}");
+                    lookup_failed()
+                })?;
                 return env.pdevs.get_resolved(r);
             }
-            let r = env.resolver.resolve_block(dev).map_err(|_| lookup_failed())?;
+            if dev.major == env.pdevs.file_major() {
+                // Held by no table: the path last seen for it, if that still names the same file.
+                let path = env.pdevs.file_path(dev.minor).ok_or_else(lookup_failed)?.to_owned();
+                let r = env.resolver.resolve_path(&path, writable).map_err(|_| lookup_failed())?;
+                if !env.pdevs.is_file_numbered(dev.minor, r.identity) {
+                    tracing::debug!("{path:?}, last seen as {dev}, now names another file");
+                    return Err(lookup_failed());
+                }
+                return env.pdevs.get_resolved(r);
+            }
+            let r = env.resolver.resolve_block(dev, writable).map_err(|_| lookup_failed())?;
             return env.pdevs.get_resolved(r);
         }
         if let Some(rest) = name.rsplit_once("/mapper/").map(|(_, n)| n) {
@@ -249,7 +271,7 @@ impl CtorCtx<'_, '_> {
                 return Ok(env.pdevs.get_dm(n));
             }
         }
-        let r = env.resolver.resolve_path(name).map_err(|e| {
+        let r = env.resolver.resolve_path(name, writable).map_err(|e| {
             tracing::debug!("resolving {name:?}: {e}");
             lookup_failed()
         })?;
@@ -259,7 +281,10 @@ impl CtorCtx<'_, '_> {
                 return if (env.dm_exists)(dev.minor) { Ok(env.pdevs.get_dm(dev.minor)) } else { Err(lookup_failed()) };
             }
         }
-        env.pdevs.get_resolved(r)
+        env.pdevs.get_resolved(r).map_err(|e| {
+            tracing::debug!("opening {name:?}: {e}");
+            lookup_failed()
+        })
     }
 }
 

@@ -7,13 +7,13 @@ struct FakeFiles;
 
 impl DeviceResolver for FakeFiles {
     /// `/f/<ino>/<sectors>` is a regular file of that size.
-    fn resolve_path(&self, path: &str) -> DmResult<Resolved> {
+    fn resolve_path(&self, path: &str, _writable: bool) -> DmResult<Resolved> {
         let mut it = path.strip_prefix("/f/").ok_or_else(|| DmError::NoSuchBlockDevice(path.into()))?.split('/');
         let ino = it.next().and_then(|s| s.parse().ok()).ok_or_else(|| DmError::NoSuchBlockDevice(path.into()))?;
         let size = it.next().and_then(|s| s.parse().ok()).ok_or_else(|| DmError::NoSuchBlockDevice(path.into()))?;
-        Ok(Resolved { identity: Identity::File { dev: 1, ino }, path: path.into(), size: Sectors(size) })
+        Ok(Resolved::unopened(Identity::File { dev: 1, ino }, path.into(), Sectors(size)))
     }
-    fn resolve_block(&self, dev: DevNum) -> DmResult<Resolved> {
+    fn resolve_block(&self, dev: DevNum, _writable: bool) -> DmResult<Resolved> {
         Err(DmError::NoSuchBlockDevice(dev.to_string()))
     }
 }

@@ -312,8 +312,8 @@ fn remapped(plane: &DataPlane, mut bio: Bio) {
             Some(lower) => push_all(vec![Work::Device(lower, bio)]),
             None => bio.end(Err(IoError::NoDevice)),
         },
-        _ => match plane.file(&pdev) {
-            Ok(f) => super::leaf::execute(&f, bio),
+        _ => match DataPlane::file(&pdev) {
+            Ok(f) => super::leaf::execute(f, bio),
             Err(e) => bio.end(Err(e)),
         },
     }
@@ -490,10 +490,10 @@ mod tests {
 
     struct NoFiles;
     impl crate::dm::pdev::DeviceResolver for NoFiles {
-        fn resolve_path(&self, p: &str) -> DmResult<crate::dm::pdev::Resolved> {
+        fn resolve_path(&self, p: &str, _: bool) -> DmResult<crate::dm::pdev::Resolved> {
             Err(crate::dm::DmError::NoSuchBlockDevice(p.into()))
         }
-        fn resolve_block(&self, d: crate::dm::DevNum) -> DmResult<crate::dm::pdev::Resolved> {
+        fn resolve_block(&self, d: crate::dm::DevNum, _: bool) -> DmResult<crate::dm::pdev::Resolved> {
             Err(crate::dm::DmError::NoSuchBlockDevice(d.to_string()))
         }
     }

@@ -2,8 +2,8 @@
 //! (`preadv2(RWF_NOWAIT)` for reads that must not wait, `RWF_DSYNC` for FUA), `splice` for
 //! payloads waiting in a pipe, `fallocate` for discard and write-zeroes, `fdatasync` for flushes.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -108,28 +108,137 @@ fn flush(f: &Backing) -> IoResult {
     Ok(())
 }
 
-/// An open underlying file, and whether it lives in memory (tmpfs, ramfs: reads never wait
-/// for a disk, though such filesystems do not support `RWF_NOWAIT`).
-pub(crate) struct Backing {
+/// An open underlying file or block device: what a pdev holds from its table's load until the
+/// last table (or IO) using it lets go, as the kernel holds a `dm_dev` (dm_get_device /
+/// dm_put_device). All IO goes through this fd; the path is never opened again.
+pub struct Backing {
     file: File,
+    /// Lives in memory (tmpfs, ramfs): reads never wait for a disk, though such filesystems do
+    /// not support `RWF_NOWAIT`.
     memory: bool,
+    /// A block device (sized with `BLKGETSIZE64`), else a regular file (sized with `fstat`).
+    block: bool,
+    /// Opened for writing too (`FMODE_WRITE`).
+    writable: bool,
     /// A write completed since the last flush began: the next flush must reach the disk.
     dirty: AtomicBool,
 }
 
+/// Opens what `fd` refers to anew, in the given mode (`/proc/self/fd/N`, which reaches the very
+/// inode, with the permission checks of an open).
+fn open_fd(fd: &File, writable: bool) -> std::io::Result<File> {
+    OpenOptions::new().read(true).write(writable).open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Why [`Backing::open`] failed, and the device number if the path names a block node that could
+/// not be opened (ENXIO there: no driver behind its major).
+#[derive(Debug)]
+pub struct OpenError {
+    pub error: std::io::Error,
+    pub block: Option<u64>,
+}
+
+/// `_IOR(0x12, 114, size_t)`: a block device's size in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
 impl Backing {
+    /// Opens `path` (following symlinks, as the kernel's path lookup does) read-only or
+    /// read-write. The path is looked at once, with `O_PATH` (which opens nothing: no wait on a
+    /// FIFO, none of the side effects of opening a character device); anything but a regular
+    /// file or a block device is refused (`ENODEV`), and what was looked at is then opened
+    /// through that fd, so it is the same file whatever the path names by then.
+    ///
+    /// Block devices are not opened `O_EXCL`: the kernel's exclusive claim is shared by every dm
+    /// device (one holder), which a per-open userspace claim cannot express — a second table
+    /// over the same device, resolved while the first holds it, would fail with EBUSY.
+    pub fn open(path: &str, writable: bool) -> Result<Backing, OpenError> {
+        let plain = |error| OpenError { error, block: None };
+        let at = OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(path).map_err(plain)?;
+        let md = at.metadata().map_err(plain)?;
+        let block = md.file_type().is_block_device();
+        if !md.file_type().is_file() && !block {
+            return Err(plain(std::io::Error::from_raw_os_error(libc::ENODEV)));
+        }
+        let file = match open_fd(&at, writable) {
+            // No /proc: the path again, accepted only if it still names what was looked at.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let f = OpenOptions::new().read(true).write(writable).open(path);
+                f.and_then(|f| {
+                    let m = f.metadata()?;
+                    if (m.dev(), m.ino()) != (md.dev(), md.ino()) {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
+                    }
+                    Ok(f)
+                })
+            }
+            r => r,
+        };
+        let file = file.map_err(|error| OpenError { error, block: block.then(|| md.rdev()) })?;
+        Self::with_mode(file, writable).map_err(plain)
+    }
+
+    /// Opens the file this one holds again, by its fd rather than a path, e.g. read-write when
+    /// it was opened read-only: the same file even if its path now names another.
+    pub fn reopen(&self, writable: bool) -> std::io::Result<Backing> {
+        Self::with_mode(open_fd(&self.file, writable)?, writable)
+    }
+
     // `f_type` and TMPFS_MAGIC have different integer types on other targets.
     #[allow(clippy::useless_conversion)]
-    pub(crate) fn new(file: File) -> Self {
+    fn with_mode(file: File, writable: bool) -> std::io::Result<Backing> {
+        let ft = file.metadata()?.file_type();
+        let block = ft.is_block_device();
+        if !ft.is_file() && !block {
+            return Err(std::io::Error::from_raw_os_error(libc::ENODEV));
+        }
         // SAFETY: a valid fd and an out-buffer of the right type.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         const RAMFS_MAGIC: i64 = 0x8584_58f6;
         // Regular files only: a block device node lives on devtmpfs, which reports tmpfs too.
-        let regular = file.metadata().is_ok_and(|m| m.file_type().is_file());
-        let memory = regular
+        let memory = ft.is_file()
             && unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0
             && matches!(i64::from(st.f_type), x if x == i64::from(libc::TMPFS_MAGIC) || x == RAMFS_MAGIC);
-        Backing { file, memory, dirty: AtomicBool::new(false) }
+        Ok(Backing { file, memory, block, writable, dirty: AtomicBool::new(false) })
+    }
+
+    /// The identity of what is open: `(st_dev, st_ino)` for a regular file, `st_rdev` for a
+    /// block device (from `fstat` of the fd, never a second look at the path).
+    pub fn identity(&self) -> std::io::Result<(u64, u64, Option<u64>)> {
+        let m = self.file.metadata()?;
+        Ok((m.dev(), m.ino(), self.block.then(|| m.rdev())))
+    }
+
+    /// The current size in whole sectors, as `bdev_nr_sectors` reads it at each use.
+    pub fn size(&self) -> std::io::Result<Sectors> {
+        let bytes = if self.block {
+            let mut n: u64 = 0;
+            // SAFETY: a valid fd and a live u64 for the ioctl to fill.
+            if unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64 as _, &mut n) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            n
+        } else {
+            self.file.metadata()?.len()
+        };
+        Ok(Sectors(bytes / Sectors::SIZE))
+    }
+
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn is_block(&self) -> bool {
+        self.block
+    }
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backing")
+            .field("fd", &self.file.as_raw_fd())
+            .field("block", &self.block)
+            .field("writable", &self.writable)
+            .finish()
     }
 }
 

@@ -17,7 +17,6 @@ pub(crate) mod leaf;
 mod services;
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
 use std::os::unix::io::RawFd;
 use std::ptr::NonNull;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -25,15 +24,15 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use bio::Buf;
 pub use bio::{Bio, BioFlags, Op};
 use core::{Completion, Frame, Work};
-pub use leaf::{discard_from_pipe, read_pipe, Extent};
-use leaf::{file_extents, push_extent, Backing, EXTENT_STEPS};
+pub use leaf::{discard_from_pipe, read_pipe, Backing, Extent, OpenError};
+use leaf::{file_extents, push_extent, EXTENT_STEPS};
 pub use services::{CopyJob, Region, Services, TimerId};
 
 use crate::dm::pdev::{Pdev, PdevKind};
 use crate::dm::stats::StatsSet;
 use crate::dm::table::Table;
 use crate::dm::target::{Limits, Mapping};
-use crate::dm::{DevNum, Sectors};
+use crate::dm::Sectors;
 
 const SECTOR: u64 = Sectors::SIZE;
 
@@ -203,8 +202,6 @@ pub type OpenHook = Box<dyn Fn(u32, bool) + Send + Sync>;
 
 struct Inner {
     devices: RwLock<HashMap<u32, Arc<DeviceIo>>>,
-    /// Open files of underlying devices, by device number.
-    files: RwLock<HashMap<DevNum, Arc<Backing>>>,
     on_open: OpenHook,
     services: services::Shared,
 }
@@ -231,7 +228,6 @@ impl DataPlane {
         Self {
             inner: Arc::new(Inner {
                 devices: RwLock::new(HashMap::new()),
-                files: RwLock::new(HashMap::new()),
                 on_open,
                 services: services::Shared::default(),
             }),
@@ -481,21 +477,13 @@ impl DataPlane {
         v
     }
 
-    pub(crate) fn file(&self, p: &Pdev) -> IoResult<Arc<Backing>> {
-        if let Some(f) = self.inner.files.read().unwrap_or_else(|p| p.into_inner()).get(&p.dev) {
-            return Ok(f.clone());
+    /// The open file or block device under a pdev: the one its table's load opened, held by
+    /// the pdev while tables or IO in flight hold it (never opened again by path here).
+    pub(crate) fn file(p: &Pdev) -> IoResult<&Backing> {
+        match p.kind {
+            PdevKind::Dm { .. } => Err(IoError::NoDevice),
+            _ => p.file().ok_or(IoError::NoDevice),
         }
-        let path = match &p.kind {
-            PdevKind::File { path } | PdevKind::Block { path } => path,
-            PdevKind::Dm { .. } => return Err(IoError::NoDevice),
-        };
-        let f = match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(f) => f,
-            Err(_) => File::open(path)?,
-        };
-        let f = Arc::new(Backing::new(f));
-        self.inner.files.write().unwrap_or_else(|p| p.into_inner()).insert(p.dev, f.clone());
-        Ok(f)
     }
 
     /// Appends the allocation of `len` bytes at `offset` of a device to `out` (see
@@ -525,7 +513,7 @@ impl DataPlane {
                                 todo.push((lower, at, n));
                                 break;
                             }
-                            _ => file_extents(&**self.file(pdev)?, at, n, out, max, &mut budget)?,
+                            _ => file_extents(Self::file(pdev)?, at, n, out, max, &mut budget)?,
                         }
                         n
                     }

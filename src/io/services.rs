@@ -415,11 +415,9 @@ mod tests {
     fn file_pdev(dir: &std::path::Path, name: &str, minor: u32) -> Arc<Pdev> {
         let path = dir.join(name);
         std::fs::write(&path, vec![0u8; 8192]).unwrap();
-        Arc::new(Pdev {
-            dev: DevNum::new(251, minor),
-            kind: PdevKind::File { path: path.to_string_lossy().into_owned() },
-            size: Sectors(16),
-        })
+        let path = path.to_string_lossy().into_owned();
+        let f = crate::io::Backing::open(&path, true).unwrap();
+        Arc::new(Pdev::with_file(DevNum::new(251, minor), PdevKind::File { path }, Sectors(16), f))
     }
 
     #[test]
@@ -449,11 +447,11 @@ mod tests {
         assert!(fa[2048..3072].iter().all(|&x| x == 0x6b) && fa[..2048].iter().all(|&x| x == 0));
         assert!(fb[5120..6144].iter().all(|&x| x == 0x6b) && fb[6144..].iter().all(|&x| x == 0));
         // A copy to a device that cannot be opened reports its own failure.
-        let gone = Arc::new(Pdev {
-            dev: DevNum::new(251, 2),
-            kind: PdevKind::File { path: dir.join("missing/x").to_string_lossy().into_owned() },
-            size: Sectors(16),
-        });
+        let gone = Arc::new(Pdev::new(
+            DevNum::new(251, 2),
+            PdevKind::File { path: dir.join("missing/x").to_string_lossy().into_owned() },
+            Sectors(16),
+        ));
         let w = Arc::new(Waiter::default());
         let bio = Bio::new(
             Op::Write,

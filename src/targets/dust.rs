@@ -96,7 +96,7 @@ impl Dust {
             PdevKind::Dm { minor } => {
                 self.plane.active_devices().iter().find(|d| d.minor == minor).map_or(0, |d| d.size / 512)
             }
-            _ => self.dev.size.0,
+            _ => self.dev.size().0,
         }
     }
 

@@ -456,11 +456,11 @@ mod tests {
     /// An always-down flakey with these feature words.
     fn down(features: &str) -> Flakey {
         Flakey {
-            dev: Arc::new(Pdev {
-                dev: DevNum::new(7, 0),
-                kind: PdevKind::File { path: "/nonexistent".into() },
-                size: Sectors(1 << 20),
-            }),
+            dev: Arc::new(Pdev::new(
+                DevNum::new(7, 0),
+                PdevKind::File { path: "/nonexistent".into() },
+                Sectors(1 << 20),
+            )),
             offset: Sectors(0),
             up: 0,
             down: 1,

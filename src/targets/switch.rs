@@ -323,7 +323,7 @@ fn rfc_ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Switch> {
         // switch_ctr_limits: the target must fit in each device (a device of unknown size — a
         // dmemu device — passes here, as the RFC's "Missing device limits" case does; the
         // engine's range check covers it at load or resume).
-        if dev.size.0 > 0 && ctx.len > dev.size {
+        if dev.size().0 > 0 && ctx.len > dev.size() {
             return Err(invalid!("switch: Device too small for target"));
         }
         paths.push((dev, Sectors(start)));

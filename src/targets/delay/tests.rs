@@ -15,7 +15,8 @@ fn file(tag: &str, minor: u32, sectors: u64) -> Arc<Pdev> {
     let path = std::env::temp_dir().join(format!("dmemu-delay-unit-{}-{tag}-{minor}", std::process::id()));
     std::fs::File::create(&path).unwrap().set_len(sectors * 512).unwrap();
     let path = path.to_string_lossy().into_owned();
-    Arc::new(Pdev { dev: DevNum::new(251, minor), kind: PdevKind::File { path }, size: Sectors(sectors) })
+    let f = crate::io::Backing::open(&path, true).unwrap();
+    Arc::new(Pdev::with_file(DevNum::new(251, minor), PdevKind::File { path }, Sectors(sectors), f))
 }
 
 /// Removes the files of [`file`] when dropped.

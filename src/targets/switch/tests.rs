@@ -13,11 +13,7 @@ use crate::ioctl::dm_switch::pack_entries;
 fn paths(n: usize) -> Vec<(Arc<Pdev>, Sectors)> {
     (0..n)
         .map(|i| {
-            let p = Pdev {
-                dev: DevNum::new(8, i as u32),
-                kind: PdevKind::Block { path: format!("/dev/p{i}") },
-                size: Sectors(0),
-            };
+            let p = Pdev::new(DevNum::new(8, i as u32), PdevKind::Block { path: format!("/dev/p{i}") }, Sectors(0));
             (Arc::new(p), Sectors(1_000_000 * i as u64))
         })
         .collect()

@@ -21,14 +21,14 @@ pub const FILE_MAJOR: u32 = 251;
 struct FakeFiles;
 
 impl DeviceResolver for FakeFiles {
-    fn resolve_path(&self, path: &str) -> DmResult<Resolved> {
+    fn resolve_path(&self, path: &str, _writable: bool) -> DmResult<Resolved> {
         let missing = || DmError::NoSuchBlockDevice(path.into());
         let mut it = path.strip_prefix("/f/").ok_or_else(missing)?.split('/');
         let ino = it.next().and_then(|s| s.parse().ok()).ok_or_else(missing)?;
         let size = it.next().and_then(|s| s.parse().ok()).ok_or_else(missing)?;
-        Ok(Resolved { identity: Identity::File { dev: 1, ino }, path: path.into(), size: crate::dm::Sectors(size) })
+        Ok(Resolved::unopened(Identity::File { dev: 1, ino }, path.into(), crate::dm::Sectors(size)))
     }
-    fn resolve_block(&self, dev: DevNum) -> DmResult<Resolved> {
+    fn resolve_block(&self, dev: DevNum, _writable: bool) -> DmResult<Resolved> {
         Err(DmError::NoSuchBlockDevice(dev.to_string()))
     }
 }
