@@ -132,6 +132,11 @@ impl Engine {
         &self.pdevs
     }
 
+    /// The registry, for restoring saved pseudo numbers at start-up and collecting new ones.
+    pub fn pdevs_mut(&mut self) -> &mut PdevRegistry {
+        &mut self.pdevs
+    }
+
     /// A front end opened (`+1`) or closed (`-1`) a device's block device. Closing the last
     /// opener completes a deferred removal.
     pub fn adjust_opens(&mut self, minor: u32, delta: i32) {

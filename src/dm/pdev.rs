@@ -160,6 +160,9 @@ pub struct PdevRegistry {
     /// The next minor to try: one past the highest given or restored, so a number never names
     /// two files while the records last.
     next_minor: u32,
+    /// Minors given, or seen under a new path, since [`Self::take_new_file_numbers`] last ran
+    /// (the daemon's state record appends them).
+    fresh: Vec<u32>,
 }
 
 impl PdevRegistry {
@@ -171,6 +174,7 @@ impl PdevRegistry {
             file_minors: HashMap::new(),
             files: BTreeMap::new(),
             next_minor: 0,
+            fresh: Vec::new(),
         }
     }
 
@@ -196,6 +200,9 @@ impl PdevRegistry {
                         m
                     }
                 };
+                if self.files.get(&minor).is_none_or(|(_, p)| *p != r.path) {
+                    self.fresh.push(minor);
+                }
                 self.files.insert(minor, ((dev, ino), r.path.clone()));
                 (DevNum::new(self.file_major, minor), PdevKind::File { path: r.path })
             }
@@ -232,6 +239,17 @@ impl PdevRegistry {
     /// Whether a resolved identity is the file numbered `file_major:minor`.
     pub fn is_file_numbered(&self, minor: u32, identity: Identity) -> bool {
         matches!(identity, Identity::File { dev, ino } if self.files.get(&minor).is_some_and(|(id, _)| *id == (dev, ino)))
+    }
+
+    /// The pseudo numbers given (or whose file was seen under a new path) since the last call.
+    pub fn take_new_file_numbers(&mut self) -> Vec<FileNumber> {
+        std::mem::take(&mut self.fresh)
+            .into_iter()
+            .filter_map(|minor| {
+                let ((dev, ino), path) = self.files.get(&minor)?;
+                Some(FileNumber { minor, dev: *dev, ino: *ino, path: path.clone() })
+            })
+            .collect()
     }
 
     /// Every file's pseudo number, by minor (for a daemon's saved state).

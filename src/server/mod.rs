@@ -49,6 +49,13 @@ impl State {
 /// Brings the data plane, the state record and the sysfs tree in line with the engine for the
 /// devices that changed since the last sync (O(1) in the number of other devices).
 fn sync(engine: &mut Engine, sysfs: &mut sysfs::Sysfs, record: &record::StateRecord, io: &DataPlane) {
+    // File numbers before the tables that name them.
+    let files = engine.pdevs_mut().take_new_file_numbers();
+    if !files.is_empty() {
+        if let Err(e) = record.append_files(&files) {
+            tracing::error!("state record of file numbers not updated: {e}");
+        }
+    }
     let changed = engine.take_changed();
     for &m in &changed {
         // The record first: once a command is answered, a daemon restarted after any death
@@ -167,6 +174,7 @@ impl Daemon {
         let hello = hello::encode(&facts);
         let record = record::StateRecord::open(&cfg.run_dir)?;
         let records = record.devices();
+        let files = record.files();
         let mut engine = engine;
         let daemon = Arc::new_cyclic(|me: &std::sync::Weak<Daemon>| {
             let opener = me.clone();
@@ -202,14 +210,21 @@ impl Daemon {
                 netbsd_errors: cfg.netbsd_errors,
             }
         });
+        let mut st = daemon.lock();
+        let State { engine, sysfs, record } = &mut *st;
+        for n in files {
+            let minor = n.minor;
+            if let Err(e) = engine.pdevs_mut().restore_file_number(n) {
+                tracing::error!("state record: file number {minor} not restored: {e}");
+            }
+        }
         if !records.is_empty() {
             let wanted = records.len();
-            let mut st = daemon.lock();
-            let State { engine, sysfs, record } = &mut *st;
             let io = &daemon.io;
             let back = restore::restore(engine, records, &mut |e| sync(e, sysfs, record, io));
             tracing::info!("restored {back} of {wanted} device(s) from the state record in {}", cfg.run_dir.display());
         }
+        drop(st);
         Ok(daemon)
     }
 

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use crate::dm::StatusType;
 use crate::dm::device::Device;
+use crate::dm::pdev::FileNumber;
 use crate::dm::table::Table;
 use crate::dm::Geometry;
 
@@ -246,6 +247,51 @@ impl StateRecord {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+
+    fn files_path(&self) -> PathBuf {
+        self.dir.join("files")
+    }
+
+    /// Appends pseudo-number assignments to the `files` log (one line each, appended whole).
+    pub fn append_files(&self, numbers: &[FileNumber]) -> io::Result<()> {
+        use std::io::Write as _;
+        let mut text = String::new();
+        for n in numbers {
+            let _ = writeln!(text, "file {} {} {} {}", n.minor, n.dev, n.ino, escape(n.path.as_bytes()));
+        }
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(self.files_path())?;
+        f.write_all(text.as_bytes())
+    }
+
+    /// The recorded pseudo numbers (the last line for each minor wins), and the log rewritten
+    /// to just those.
+    pub fn files(&self) -> Vec<FileNumber> {
+        let text = std::fs::read_to_string(self.files_path()).unwrap_or_default();
+        let mut by_minor = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            let parsed = (|| {
+                let mut f = line.strip_prefix("file ")?.splitn(4, ' ');
+                let minor = f.next()?.parse().ok()?;
+                let dev = f.next()?.parse().ok()?;
+                let ino = f.next()?.parse().ok()?;
+                let path = String::from_utf8(unescape(f.next()?)?).ok()?;
+                Some(FileNumber { minor, dev, ino, path })
+            })();
+            match parsed {
+                Some(n) => {
+                    by_minor.insert(n.minor, n);
+                }
+                // A line cut short by a death mid-append: its table load was never answered.
+                None => tracing::warn!("state record: skipping unreadable line {line:?} in {}", self.files_path().display()),
+            }
+        }
+        let numbers: Vec<FileNumber> = by_minor.into_values().collect();
+        let compact = std::fs::remove_file(self.files_path()).and_then(|()| self.append_files(&numbers));
+        if let Err(e) = compact {
+            tracing::error!("state record: rewriting {}: {e}", self.files_path().display());
+        }
+        numbers
     }
 
     /// Every device record found, in minor order; unreadable or torn ones are logged and skipped.
