@@ -1,5 +1,7 @@
 //! Underlying devices ("physical devices", NetBSD's dm_pdev.c): what table lines name by path or by
-//! `major:minor`, shared by every table that uses them.
+//! `major:minor`, shared by every table that uses them. Files and block devices are opened when a
+//! table naming them is loaded and stay open exactly while a table or IO in flight holds their
+//! `Pdev` (the kernel's `dm_get_device`/`dm_put_device`).
 //!
 //! Three kinds exist: regular files, real block devices and dmemu's own devices (so tables stack).
 //! Regular files have no device number, so they get a stable pseudo one: major `file_major`, minor
