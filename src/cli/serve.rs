@@ -81,7 +81,8 @@ pub fn run(a: ServeArgs) -> Result {
         None => None,
     };
     let nbd = dmemu::nbd::listeners(&a.nbd, &cfg.run_dir)?;
-    dmemu::nbd::start(daemon.io().clone(), &nbd, dmemu::nbd::Tuning::default())?;
+    // Kept for the daemon's lifetime; `_nbd.shutdown()` drains it.
+    let _nbd = dmemu::nbd::start(daemon.io().clone(), &nbd, dmemu::nbd::Tuning::default())?;
     daemon.serve(&socket)?;
     Ok(())
 }

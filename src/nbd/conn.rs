@@ -864,7 +864,14 @@ fn read_request(r: &mut BufReader<&File>) -> io::Result<Option<[u8; REQUEST_LEN]
 
 /// Serves requests until the client disconnects (NBD_CMD_DISC, end of stream, or a protocol
 /// violation that ends the session).
-pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, tuning: super::Tuning) {
+/// `stop` set (the server drains): no further request is started.
+pub(super) fn transmit(
+    export: &Export,
+    sock: &File,
+    mut r: BufReader<&File>,
+    stop: &std::sync::atomic::AtomicBool,
+    tuning: super::Tuning,
+) {
     let c = Conn {
         sock,
         export,
@@ -891,7 +898,7 @@ pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, tu
     };
     let name = export.handle.name();
     std::thread::scope(|s| {
-        if let Err(e) = reader(&c, &mut r, s) {
+        if let Err(e) = reader(&c, &mut r, stop, s) {
             match e.kind() {
                 io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
                     tracing::debug!("nbd {name}: client went away: {e}")
@@ -923,7 +930,12 @@ fn flush<'s>(c: &'s Conn<'_>, s: &'s std::thread::Scope<'s, '_>) {
     }
 }
 
-fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Scope<'s, '_>) -> io::Result<()> {
+fn reader<'s>(
+    c: &'s Conn<'_>,
+    r: &mut BufReader<&File>,
+    stop: &std::sync::atomic::AtomicBool,
+    s: &'s std::thread::Scope<'s, '_>,
+) -> io::Result<()> {
     let mut spin = Spin::default();
     // The client sends requests before our replies to earlier ones (it keeps several in flight):
     // seen when the next request is already on its way as a spliced write completes, forgotten
@@ -940,8 +952,15 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
                 spin.before(sock_of(r));
             }
         }
+        // Draining: requests buffered but not started get no reply (nor do those not yet read).
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let raw = read_request(r)?;
         spin.after();
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let Some(raw) = raw else { return Ok(()) };
         let Some(req) = Request::parse(&raw) else {
             // Nothing after a bad magic can be trusted to be a request boundary.
