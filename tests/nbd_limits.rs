@@ -184,3 +184,277 @@ fn a_client_that_reads_no_replies_holds_the_daemon_at_its_bound() {
     s.read_exact(&mut b).unwrap();
     assert!(b == data[4096..8192]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Out of descriptors.
+
+/// utime + stime of a process, in clock ticks (/proc/<pid>/stat fields 14 and 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces: fields count from after its closing parenthesis.
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Waits (against hangs only) until `cond` holds.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// More clients than the daemon has descriptors for: `accept` fails with EMFILE while they
+/// wait in the backlog. The accept loop backs off instead of spinning and logs once; when the
+/// clients leave, new ones are served.
+#[test]
+fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
+    let d = Daemon::start();
+    let data = pattern(12, 4 * MIB);
+    device(&d, "small", &data);
+    let pid = d.pid();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let new = libc::rlimit { rlim_cur: fds + 8, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: valid rlimit structs; the daemon is our child.
+    assert_eq!(unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }, 0);
+    let new = libc::rlimit { rlim_max: old.rlim_max, ..new };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) }, 0);
+
+    // Each accepted client holds one descriptor while it haggles: 8 fit, the rest wait.
+    let clients: Vec<UnixStream> = (0..20).map(|_| UnixStream::connect(d.nbd_socket()).unwrap()).collect();
+    wait_for("the accept failure in the log", || d.log().contains("Too many open files"));
+
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+    std::thread::sleep(Duration::from_millis(1000));
+    let (wall, cpu) = (t0.elapsed(), cpu_ticks(pid) - c0);
+    // SAFETY: no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let busy = cpu as f64 / hz / wall.as_secs_f64();
+    assert!(busy < 0.2, "the daemon used {:.0} % of a CPU while accept failed", busy * 100.0);
+    // One warning (a second if this took over 5 s); a client that the daemon lost track of
+    // (one of the test's own dmsetup connections closing late) may let one accept through.
+    let log = d.log();
+    let about: Vec<&str> = log.lines().filter(|l| l.contains("accept on") && l.contains("WARN")).collect();
+    assert!((1..=2).contains(&about.len()), "log lines about accept:\n{about:#?}");
+
+    drop(clients);
+    let o = d.run("nbdinfo", &["--size", &nbd_uri(&d.nbd_socket(), "small")]);
+    assert_eq!(o.ok().trim(), (4 * MIB).to_string());
+    assert!(nbdcopy_from(&d, &d.nbd_socket(), "small") == data);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The socket file.
+
+/// A `dmemu serve` started by hand (umask, expected failures).
+struct Serve {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Serve {
+    fn spawn(tag: &str, nbd: &Path, umask: Option<libc::mode_t>) -> Serve {
+        use std::os::unix::process::CommandExt;
+        let dir = std::env::temp_dir().join(format!("dmemu-limits-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = std::process::Command::new(common::bin());
+        c.arg("serve").arg("--socket").arg(dir.join("control.sock")).arg("--run-dir").arg(&dir);
+        c.arg("--nbd").arg(format!("unix:{}", nbd.display()));
+        c.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(dir.join("log")).unwrap());
+        if let Some(m) = umask {
+            // SAFETY: umask is async-signal-safe.
+            unsafe {
+                c.pre_exec(move || {
+                    libc::umask(m);
+                    Ok(())
+                })
+            };
+        }
+        Serve { child: c.spawn().unwrap(), dir }
+    }
+
+    /// Waits for the daemon to exit; its status and log.
+    fn exit(&mut self) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st, std::fs::read_to_string(self.dir.join("log")).unwrap());
+            }
+            assert!(Instant::now() < deadline, "the daemon did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Under umask 000 the NBD socket is 0600 from the moment it exists (it is created so, not
+/// chmod'ed afterwards).
+#[test]
+fn the_socket_is_created_private_under_a_permissive_umask() {
+    let dir = std::env::temp_dir().join(format!("dmemu-limits-{}-umask", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("nbd.sock");
+    let _s = Serve::spawn("umask", &sock, Some(0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mode = loop {
+        if let Ok(m) = std::fs::symlink_metadata(&sock) {
+            break m.permissions().mode();
+        }
+        assert!(Instant::now() < deadline, "no socket");
+        std::hint::spin_loop();
+    };
+    assert_eq!(mode & 0o7777, 0o600, "mode {mode:o} when the socket appeared");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A socket file left by a daemon that died is replaced; one a live daemon answers on is an
+/// error for the second daemon and stays the first's; a file that is no socket is left alone.
+#[test]
+fn stale_sockets_are_replaced_live_ones_and_other_files_refused() {
+    let dir = std::env::temp_dir().join(format!("dmemu-limits-{}-stale", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("nbd.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(std::fs::symlink_metadata(&sock).unwrap().file_type().is_socket());
+
+    let d = Daemon::start_with(&["--nbd", &format!("unix:{}", sock.display())]);
+    let data = pattern(13, MIB);
+    device(&d, "st", &data);
+    assert_eq!(d.run("nbdinfo", &["--size", &nbd_uri(&sock, "st")]).ok().trim(), MIB.to_string());
+
+    let (st, log) = Serve::spawn("live", &sock, None).exit();
+    assert!(!st.success(), "a second daemon on a live socket: {log}");
+    assert!(log.contains("already serves"), "{log}");
+    assert!(nbdcopy_from(&d, &sock, "st") == data, "the first daemon still serves");
+
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, b"keep me").unwrap();
+    let (st, log) = Serve::spawn("file", &file, None).exit();
+    assert!(!st.success(), "{log}");
+    assert!(log.contains("not a socket"), "{log}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Draining (the API behind SIGTERM), against a daemon running in this process.
+
+/// A daemon in this process (its control socket served by a thread), for `nbd::start` here.
+fn in_process_daemon(dir: &Path) -> std::sync::Arc<dmemu::server::Daemon> {
+    use dmemu::server;
+    let (major, file_major) = server::free_majors(&std::fs::read_to_string("/proc/devices").unwrap_or_default());
+    let cfg = server::ServeConfig {
+        socket: dir.join("control.sock"),
+        run_dir: dir.to_path_buf(),
+        engine: dmemu::dm::EngineConfig { major, file_major },
+        netbsd_errors: server::NetbsdErrors::Real,
+        fuse_dir: None,
+    };
+    let engine = dmemu::dm::Engine::new(cfg.engine, dmemu::targets::registry(), Box::new(server::resolver::FsResolver));
+    let daemon = server::Daemon::new(&cfg, engine).unwrap();
+    let (d, sock) = (daemon.clone(), cfg.socket.clone());
+    std::thread::spawn(move || d.serve(&sock));
+    wait_for("the control socket", || UnixStream::connect(dir.join("control.sock")).is_ok());
+    daemon
+}
+
+fn dmsetup(dir: &Path, args: &[&str]) {
+    let o = std::process::Command::new(common::bin())
+        .arg("exec")
+        .arg("--socket")
+        .arg(dir.join("control.sock"))
+        .arg("--")
+        .arg(common::DMSETUP)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "dmsetup {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Shutdown stops accepting and removes the socket, lets a write already read finish and its
+/// reply reach the client, closes idle connections, and then returns.
+#[test]
+fn shutdown_answers_what_was_read_then_closes() {
+    use dmemu::nbd::{Listen, Tuning};
+    let dir = std::env::temp_dir().join(format!("dmemu-limits-{}-drain", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let daemon = in_process_daemon(&dir);
+    let f = dir.join("slow.img");
+    std::fs::write(&f, vec![0u8; MIB]).unwrap();
+    // Reads at once, writes held 600 ms.
+    let f = f.display();
+    dmsetup(&dir, &["create", "slow", "--table", &format!("0 2048 delay {f} 0 0 {f} 0 600")]);
+    let sock = dir.join("nbd.sock");
+    let server = dmemu::nbd::start(daemon.io().clone(), &[Listen::Unix(sock.clone())], Tuning::default()).unwrap();
+
+    let mut idle = go(&sock, "slow");
+    let mut a = go(&sock, "slow");
+    let payload = pattern(14, 4096);
+    let mut m = request(CMD_WRITE, 1, 8192, 4096).to_vec();
+    m.extend_from_slice(&payload);
+    a.write_all(&m).unwrap();
+    a.write_all(&request(CMD_READ, 2, 0, 512)).unwrap();
+    // The read's reply means the write before it has been read by the server (requests are
+    // read in order); it is held in the delay, or answered already.
+    let mut replies = vec![reply_header(&mut a)];
+    if replies[0].1 == 2 {
+        let mut b = [0u8; 512];
+        a.read_exact(&mut b).unwrap();
+    }
+    let drain = std::thread::spawn(move || {
+        server.shutdown_within(Duration::from_secs(30));
+        server
+    });
+    while replies.len() < 2 {
+        let r = reply_header(&mut a);
+        if r.1 == 2 {
+            let mut b = [0u8; 512];
+            a.read_exact(&mut b).unwrap();
+        }
+        replies.push(r);
+    }
+    replies.sort();
+    assert_eq!(replies, vec![(0, 1), (0, 2)]);
+    let mut rest = Vec::new();
+    assert_eq!(a.read_to_end(&mut rest).unwrap(), 0, "then the server closes");
+    assert_eq!(idle.read_to_end(&mut rest).unwrap(), 0, "an idle connection is closed");
+    let server = drain.join().unwrap();
+    assert!(!sock.exists(), "the socket file is removed");
+    assert!(server.addrs() == [Listen::Unix(sock.clone())]);
+    let mut on_file = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(dir.join("slow.img")).unwrap(), &mut on_file, 8192)
+        .unwrap();
+    assert!(on_file == payload, "the answered write is on its file");
+
+    // A client that reads no replies does not hold shutdown beyond its grace.
+    let server = dmemu::nbd::start(daemon.io().clone(), &[Listen::Unix(sock.clone())], Tuning::default()).unwrap();
+    let mut c = go(&sock, "slow");
+    for i in 0..64 {
+        c.write_all(&request(CMD_READ, i, 0, MIB as u32)).unwrap();
+    }
+    // Its first reply: the server is at work on its requests.
+    assert_eq!(reply_header(&mut c), (0, 0));
+    server.shutdown_within(Duration::from_millis(200));
+    assert!(!sock.exists());
+    // What it gets then ends early: the connection was closed.
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    assert!(rest.len() < 64 * MIB);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 /// before the next `accept` (zero: retry at once; the call has logged what needs logging);
 /// after each success call [`succeeded`](Self::succeeded). The wait grows from
 /// [`MIN`](Self::MIN), doubling, to [`MAX`](Self::MAX) while failures last and starts over after
-/// a success. A failure episode logs one warning when it starts, then at most one per
-/// [`LOG_EVERY`](Self::LOG_EVERY) with the count of failures since the last line.
+/// a success. Failures log one warning, then at most one per [`LOG_EVERY`](Self::LOG_EVERY) with
+/// the count of failures since the last line, across successes too: at the descriptor limit
+/// every client that leaves lets one more in and the next `accept` fails again.
 ///
 /// ```ignore
 /// let mut backoff = AcceptBackoff::new("control socket");
@@ -33,12 +34,12 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct AcceptBackoff {
     what: String,
-    /// The next wait; zero outside an episode.
+    /// The next wait; zero after a success.
     delay: Duration,
     /// Failures since the last log line, and when it was written.
     unreported: u64,
     logged: Option<Instant>,
-    /// Failures in the current episode.
+    /// Failures since the last success.
     episode: u64,
 }
 
@@ -64,23 +65,13 @@ impl AcceptBackoff {
         self.episode += 1;
         self.unreported += 1;
         let now = Instant::now();
-        match self.logged {
-            None => {
-                tracing::warn!("accept on {}: {e}; retrying with backoff", self.what);
-                self.logged = Some(now);
-                self.unreported = 0;
+        if self.logged.is_none_or(|t| now.duration_since(t) >= Self::LOG_EVERY) {
+            match self.unreported {
+                1 => tracing::warn!("accept on {}: {e}; retrying with backoff", self.what),
+                n => tracing::warn!("accept on {}: {e} ({n} failures since the last report)", self.what),
             }
-            Some(t) if now.duration_since(t) >= Self::LOG_EVERY => {
-                tracing::warn!(
-                    "accept on {}: {e} ({} failures in the last {} s)",
-                    self.what,
-                    self.unreported,
-                    now.duration_since(t).as_secs()
-                );
-                self.logged = Some(now);
-                self.unreported = 0;
-            }
-            Some(_) => {}
+            self.logged = Some(now);
+            self.unreported = 0;
         }
         self.delay = if self.delay.is_zero() { Self::MIN } else { (self.delay * 2).min(Self::MAX) };
         self.delay
@@ -93,8 +84,6 @@ impl AcceptBackoff {
         }
         self.delay = Duration::ZERO;
         self.episode = 0;
-        self.unreported = 0;
-        self.logged = None;
     }
 }
 
