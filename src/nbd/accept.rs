@@ -58,9 +58,8 @@ impl AcceptBackoff {
     /// nothing pending (EAGAIN) retries at once and logs nothing; anything else backs off, the
     /// shortage of resources this is for and errors not foreseen alike (none may spin).
     pub fn failed(&mut self, e: &io::Error) -> Duration {
-        match e.raw_os_error() {
-            Some(libc::ECONNABORTED | libc::EPROTO | libc::EINTR | libc::EAGAIN) => return Duration::ZERO,
-            _ => {}
+        if let Some(libc::ECONNABORTED | libc::EPROTO | libc::EINTR | libc::EAGAIN) = e.raw_os_error() {
+            return Duration::ZERO;
         }
         self.episode += 1;
         self.unreported += 1;
