@@ -13,7 +13,9 @@
 //! serialized by a writer role that also combines: whoever holds it writes every reply queued
 //! meanwhile with one `sendmsg`, and the reader holds its own replies back while further requests
 //! are already buffered. The reader never blocks on a full socket: it hands the writer role to a
-//! worker instead (a client may send many requests before reading any reply).
+//! worker instead (a client may send many requests before reading any reply). A request counts
+//! against the connection's bound ([`MAX_INFLIGHT`], [`MAX_INFLIGHT_BYTES`]) until its reply is on
+//! the socket, so a client that stops reading replies stops being read (as qemu-nbd does).
 
 use std::collections::VecDeque;
 use std::fs::File;

@@ -14,6 +14,8 @@
 //!   export size is fixed per connection at negotiation, as NBD requires; new connections see the
 //!   size after a resize. IO while the device is suspended waits for the resume and then runs
 //!   against the new table (the data plane's gate).
+//! * [`start`] binds the listeners and returns an [`NbdServer`], whose `shutdown` drains it;
+//!   [`accept`] has the socket binding and accept backoff every listener of the daemon can use.
 
 pub mod accept;
 mod conn;
