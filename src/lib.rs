@@ -10,6 +10,8 @@
 //! * [`io`] — the data plane: IO through live tables to files, block devices and stacked devices.
 //! * [`nbd`] — the NBD server in front of the data plane, one export per active device.
 //! * [`fuse`] — the FUSE directory of device files behind `/dev/mapper/<name>` (`serve --fuse-dir`).
+//! * [`listen`] — listening sockets: created with their final mode, accept loops that back off
+//!   when the process runs out of descriptors.
 //! * [`client`] — clients of the control socket: raw ioctls, HELLO and starting a daemon, the
 //!   dm-switch page-table upload.
 
@@ -18,6 +20,7 @@ pub mod dm;
 pub mod fuse;
 pub mod io;
 pub mod ioctl;
+pub mod listen;
 pub mod nbd;
 pub mod server;
 pub mod targets;

@@ -59,3 +59,33 @@ fn sigterm_stops_with_a_log_line_and_keeps_devices_for_the_next_start() {
     assert!(log.contains("SIGTERM: stopped"), "{log}");
     assert_eq!(d.dmsetup(&["table", "keep"]).ok(), "0 100 zero \n");
 }
+
+/// More control clients than the daemon has descriptors for: the accept loop backs off instead
+/// of spinning and logs once; when the clients leave, new ones are served.
+#[test]
+fn out_of_descriptors_the_control_accept_loop_backs_off_and_recovers() {
+    let d = Daemon::start();
+    d.dmsetup(&["create", "z", "--table", "0 8 zero"]).ok();
+    let pid = d.pid();
+    common::limit_fds(pid, common::fd_count(pid) + 4);
+    // Each accepted client holds one descriptor (and the thread serving it): 4 fit, the rest wait.
+    let clients: Vec<_> = (0..20).map(|_| std::os::unix::net::UnixStream::connect(&d.socket).unwrap()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.log().contains("Too many open files") {
+        assert!(Instant::now() < deadline, "no accept failure logged");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (t0, c0) = (Instant::now(), common::cpu_ticks(pid));
+    std::thread::sleep(Duration::from_millis(1000));
+    let (wall, cpu) = (t0.elapsed(), common::cpu_ticks(pid) - c0);
+    // SAFETY: no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let busy = cpu as f64 / hz / wall.as_secs_f64();
+    assert!(busy < 0.2, "the daemon used {:.0} % of a CPU while accept failed", busy * 100.0);
+    let log = d.log();
+    let about = log.lines().filter(|l| l.contains("control socket") && l.contains("WARN")).count();
+    assert!((1..=2).contains(&about), "{log}");
+    drop(clients);
+    common::limit_fds(pid, 1024);
+    assert_eq!(d.dmsetup(&["table", "z"]).ok(), "0 8 zero \n");
+}

@@ -79,15 +79,17 @@ pub fn run(a: ServeArgs) -> Result {
         None => None,
     };
     let nbd = dmemu::nbd::listeners(&a.nbd, &cfg.run_dir)?;
-    dmemu::nbd::start(daemon.io().clone(), &nbd, dmemu::nbd::Tuning::default())?;
+    let nbd = dmemu::nbd::start(daemon.io().clone(), &nbd, dmemu::nbd::Tuning::default())?;
     let listener = server::bind_control(&socket)?;
     {
         // What an exit signal does (docs/reliability.md, "Stopping"): no new control clients,
-        // the FUSE mount detached (a dead daemon's mount would fail every access with ENOTCONN).
+        // NBD requests already read answered (so every acknowledged write is on its file), the
+        // FUSE mount detached (a dead daemon's mount would fail every access with ENOTCONN).
         let (socket, fuse_dir) = (socket.clone(), fuse_dir.clone());
         server::signals::on_exit_signal(signals, move |sig| {
             tracing::info!("{}: stopping", server::signals::name(sig));
             let _ = std::fs::remove_file(&socket);
+            nbd.shutdown();
             if let Some(d) = &fuse_dir {
                 dmemu::fuse::unmount(d);
             }

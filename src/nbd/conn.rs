@@ -13,7 +13,9 @@
 //! serialized by a writer role that also combines: whoever holds it writes every reply queued
 //! meanwhile with one `sendmsg`, and the reader holds its own replies back while further requests
 //! are already buffered. The reader never blocks on a full socket: it hands the writer role to a
-//! worker instead (a client may send many requests before reading any reply).
+//! worker instead (a client may send many requests before reading any reply). A request counts
+//! against the connection's bound ([`MAX_INFLIGHT`], [`MAX_INFLIGHT_BYTES`]) until its reply is on
+//! the socket, so a client that stops reading replies stops being read (as qemu-nbd does).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -25,8 +27,10 @@ use super::proto::*;
 use super::Export;
 use crate::io::{Extent, IoError, IoResult};
 
-/// Requests admitted but not yet answered, per connection; the reader stops reading beyond
-/// these (a client that never reads its replies cannot make us buffer without bound).
+/// Requests admitted whose replies are not yet written to the socket, per connection, and their
+/// payload bytes: the reader stops reading beyond these, so a client that never reads its replies
+/// cannot make us buffer without bound (a request's cost is released only when its reply has
+/// been written or dropped with the connection, not when it is queued for the writer).
 const MAX_INFLIGHT: usize = 256;
 const MAX_INFLIGHT_BYTES: u64 = 256 << 20;
 /// Replies the reader may hold back to write together while more requests are already buffered.
@@ -49,6 +53,8 @@ struct Reply {
     head_len: usize,
     body: Vec<u8>,
     body_len: usize,
+    /// Its request's cost under [`MAX_INFLIGHT_BYTES`], released once the reply is written.
+    cost: u64,
 }
 
 impl Reply {
@@ -62,8 +68,11 @@ struct Queue {
     closed: bool,
     workers: usize,
     idle: usize,
+    /// Requests not yet answered (their replies not yet queued): the reader's hints.
     inflight: usize,
-    inflight_bytes: u64,
+    /// Requests whose replies are not yet written (or dropped), and their bytes: the bound.
+    held: usize,
+    held_bytes: u64,
     /// The reader waits on `room`.
     reader_waits: bool,
 }
@@ -187,7 +196,7 @@ impl Conn<'_> {
     }
 
     fn error_reply(&self, req: &Request, err: u32, msg: &str) -> Reply {
-        let mut r = Reply { head: [0; 28], head_len: 0, body: Vec::new(), body_len: 0 };
+        let mut r = Reply { head: [0; 28], head_len: 0, body: Vec::new(), body_len: 0, cost: 0 };
         if self.export.structured {
             // proto.md: with structured replies a READ never gets a simple reply, and errors
             // preferably travel as error chunks, which carry a message.
@@ -211,7 +220,7 @@ impl Conn<'_> {
     }
 
     fn ok_reply(&self, req: &Request) -> Reply {
-        let mut r = Reply { head: [0; 28], head_len: 16, body: Vec::new(), body_len: 0 };
+        let mut r = Reply { head: [0; 28], head_len: 16, body: Vec::new(), body_len: 0, cost: 0 };
         if self.export.structured && req.typ == CMD_READ {
             // A zero-length read has no data chunk to send (OFFSET_DATA needs a byte at least).
             r.head[..20].copy_from_slice(&chunk_header(req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0));
@@ -275,7 +284,7 @@ impl Conn<'_> {
             body.extend_from_slice(&(e.len as u32).to_be_bytes());
             body.extend_from_slice(&state.to_be_bytes());
         }
-        let mut r = Reply { head: [0; 28], head_len: 20, body_len: body.len(), body };
+        let mut r = Reply { head: [0; 28], head_len: 20, body_len: body.len(), body, cost: 0 };
         r.head[..20].copy_from_slice(&chunk_header(
             req.cookie,
             REPLY_FLAG_DONE,
@@ -289,7 +298,7 @@ impl Conn<'_> {
         let len = req.len as usize;
         match res {
             Ok(()) => {
-                let mut r = Reply { head: [0; 28], head_len: 0, body: buf, body_len: len };
+                let mut r = Reply { head: [0; 28], head_len: 0, body: buf, body_len: len, cost: 0 };
                 if self.export.structured {
                     r.head[..20].copy_from_slice(&chunk_header(
                         req.cookie,
@@ -346,10 +355,12 @@ impl Conn<'_> {
     /// (a client may send requests without reading replies until it has sent them all: a
     /// reader blocked on writing would deadlock with it).
     #[must_use]
-    fn send(&self, r: Reply, flush: bool, wait: bool) -> bool {
+    fn send(&self, req: &Request, mut r: Reply, flush: bool, wait: bool) -> bool {
+        r.cost = io_cost(req);
         let mut o = lock(&self.out);
         if o.broken {
             drop(o);
+            self.release(1, r.cost);
             self.recycle(r.body);
             return false;
         }
@@ -385,18 +396,20 @@ impl Conn<'_> {
             let res = write_replies(self.sock, &batch, skip, wait);
             o = lock(&self.out);
             match res {
-                Ok(None) => batch.into_iter().for_each(|r| self.recycle(r.body)),
+                Ok(None) => self.retire(batch),
                 Ok(Some(mut n)) => {
                     // Put back what is not fully written, ahead of anything queued meanwhile.
                     let mut rest = Vec::new();
+                    let mut written = Vec::new();
                     for r in batch {
                         if rest.is_empty() && n >= r.len() {
                             n -= r.len();
-                            self.recycle(r.body);
+                            written.push(r);
                         } else {
                             rest.push(r);
                         }
                     }
+                    self.retire(written);
                     o.sent = n;
                     o.pending_bytes += rest.iter().map(Reply::len).sum::<usize>() - n;
                     for r in rest.into_iter().rev() {
@@ -410,7 +423,7 @@ impl Conn<'_> {
                     // Stop the reader too: nobody will hear the replies.
                     // SAFETY: a valid socket fd.
                     unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
-                    batch.into_iter().for_each(|r| self.recycle(r.body));
+                    self.retire(batch);
                 }
             }
         }
@@ -419,19 +432,35 @@ impl Conn<'_> {
         o.sent = 0;
         o.writing = false;
         drop(o);
-        dropped.into_iter().for_each(|r| self.recycle(r.body));
+        self.retire(dropped);
         false
     }
 
-    fn done(&self, req: &Request) {
+    /// Replies written to the socket, or dropped with a broken connection: their cost is released
+    /// and their buffers recycled.
+    fn retire(&self, replies: Vec<Reply>) {
+        if replies.is_empty() {
+            return;
+        }
+        self.release(replies.len(), replies.iter().map(|r| r.cost).sum());
+        replies.into_iter().for_each(|r| self.recycle(r.body));
+    }
+
+    /// Gives back the room of `n` requests of `bytes` under the bound.
+    fn release(&self, n: usize, bytes: u64) {
         let mut q = lock(&self.queue);
-        q.inflight -= 1;
-        q.inflight_bytes -= io_cost(req);
+        q.held -= n;
+        q.held_bytes -= bytes;
         let wake = q.reader_waits;
         drop(q);
         if wake {
             self.room.notify_one();
         }
+    }
+
+    /// A request is answered (its reply queued, or none will come): the reader's hints only.
+    fn done(&self) {
+        lock(&self.queue).inflight -= 1;
     }
 
     fn worker(&self) {
@@ -442,15 +471,15 @@ impl Conn<'_> {
                 match job {
                     Job::Request { req, data } => {
                         let reply = self.run(req, data);
-                        let _ = self.send(reply, true, true);
-                        self.done(&req);
+                        let _ = self.send(&req, reply, true, true);
+                        self.done();
                     }
                     Job::Piped { req, pipe } => {
                         let fua = req.flags & CMD_FLAG_FUA != 0;
                         let res = self.export.handle.write_from_pipe(req.offset, pipe.fd(), req.len as u64, fua, false);
                         let reply = self.piped_reply(&req, pipe, res);
-                        let _ = self.send(reply, true, true);
-                        self.done(&req);
+                        let _ = self.send(&req, reply, true, true);
+                        self.done();
                     }
                     Job::WriteOut => {
                         // The reader handed over the writer role it holds.
@@ -837,7 +866,14 @@ fn read_request(r: &mut BufReader<&File>) -> io::Result<Option<[u8; REQUEST_LEN]
 
 /// Serves requests until the client disconnects (NBD_CMD_DISC, end of stream, or a protocol
 /// violation that ends the session).
-pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, tuning: super::Tuning) {
+/// `stop` set (the server drains): no further request is started.
+pub(super) fn transmit(
+    export: &Export,
+    sock: &File,
+    mut r: BufReader<&File>,
+    stop: &std::sync::atomic::AtomicBool,
+    tuning: super::Tuning,
+) {
     let c = Conn {
         sock,
         export,
@@ -853,7 +889,8 @@ pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, tu
             workers: 0,
             idle: 0,
             inflight: 0,
-            inflight_bytes: 0,
+            held: 0,
+            held_bytes: 0,
             reader_waits: false,
         }),
         work: Condvar::new(),
@@ -863,7 +900,7 @@ pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, tu
     };
     let name = export.handle.name();
     std::thread::scope(|s| {
-        if let Err(e) = reader(&c, &mut r, s) {
+        if let Err(e) = reader(&c, &mut r, stop, s) {
             match e.kind() {
                 io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
                     tracing::debug!("nbd {name}: client went away: {e}")
@@ -883,8 +920,8 @@ pub(super) fn transmit(export: &Export, sock: &File, mut r: BufReader<&File>, tu
 }
 
 /// The reader's side of [`Conn::send`]: never blocks on the socket.
-fn reply<'s>(c: &'s Conn<'_>, s: &'s std::thread::Scope<'s, '_>, reply: Reply, flush: bool) {
-    if c.send(reply, flush, false) {
+fn reply<'s>(c: &'s Conn<'_>, s: &'s std::thread::Scope<'s, '_>, req: &Request, reply: Reply, flush: bool) {
+    if c.send(req, reply, flush, false) {
         c.dispatch(s, Job::WriteOut);
     }
 }
@@ -895,7 +932,12 @@ fn flush<'s>(c: &'s Conn<'_>, s: &'s std::thread::Scope<'s, '_>) {
     }
 }
 
-fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Scope<'s, '_>) -> io::Result<()> {
+fn reader<'s>(
+    c: &'s Conn<'_>,
+    r: &mut BufReader<&File>,
+    stop: &std::sync::atomic::AtomicBool,
+    s: &'s std::thread::Scope<'s, '_>,
+) -> io::Result<()> {
     let mut spin = Spin::default();
     // The client sends requests before our replies to earlier ones (it keeps several in flight):
     // seen when the next request is already on its way as a spliced write completes, forgotten
@@ -912,8 +954,15 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
                 spin.before(sock_of(r));
             }
         }
+        // Draining: requests buffered but not started get no reply (nor do those not yet read).
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let raw = read_request(r)?;
         spin.after();
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let Some(raw) = raw else { return Ok(()) };
         let Some(req) = Request::parse(&raw) else {
             // Nothing after a bad magic can be trusted to be a request boundary.
@@ -930,10 +979,10 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
                 format!("NBD_CMD_WRITE of {} bytes (limit 32 MiB)", req.len),
             ));
         }
-        // Wait for room before taking a payload in.
-        let full = |q: &Queue| {
-            q.inflight >= MAX_INFLIGHT || (q.inflight > 0 && q.inflight_bytes + io_cost(&req) > MAX_INFLIGHT_BYTES)
-        };
+        // Wait for room before taking a payload in (or reading further requests): replies not yet
+        // written count, so a client that stops reading them stops being read.
+        let full =
+            |q: &Queue| q.held >= MAX_INFLIGHT || (q.held > 0 && q.held_bytes + io_cost(&req) > MAX_INFLIGHT_BYTES);
         let mut q = lock(&c.queue);
         if full(&q) {
             drop(q);
@@ -946,7 +995,8 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
             }
         }
         q.inflight += 1;
-        q.inflight_bytes += io_cost(&req);
+        q.held += 1;
+        q.held_bytes += io_cost(&req);
         drop(q);
         let mut data = Vec::new();
         if req.typ == CMD_WRITE {
@@ -966,7 +1016,9 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
             };
             match received {
                 Err(e) => {
-                    c.done(&req);
+                    // No reply will come.
+                    c.done();
+                    c.release(1, io_cost(&req));
                     return Err(e);
                 }
                 Ok(Payload::Buf(d)) => data = d,
@@ -981,8 +1033,8 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
                     match c.export.handle.write_from_pipe(req.offset, p.fd(), req.len as u64, false, true) {
                         Err(IoError::WouldBlock) => c.dispatch(s, Job::Piped { req, pipe: p }),
                         res => {
-                            reply(c, s, c.piped_reply(&req, p, res), !more);
-                            c.done(&req);
+                            reply(c, s, &req, c.piped_reply(&req, p, res), !more);
+                            c.done();
                         }
                     }
                     continue;
@@ -994,14 +1046,14 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
         if let Err((err, msg)) = c.check(&req) {
             tracing::debug!("nbd: refusing {req:?}: {} ({msg})", errno_name(err));
             c.recycle(data);
-            reply(c, s, c.error_reply(&req, err, msg), !more);
-            c.done(&req);
+            reply(c, s, &req, c.error_reply(&req, err, msg), !more);
+            c.done();
             continue;
         }
         if c.max_workers == 0 {
             // The serial variant (for comparison): everything here, one at a time.
-            reply(c, s, c.run(req, data), !more);
-            c.done(&req);
+            reply(c, s, &req, c.run(req, data), !more);
+            c.done();
             continue;
         }
         // A big write goes to a worker when the client keeps several requests in flight (another
@@ -1017,8 +1069,8 @@ fn reader<'s>(c: &'s Conn<'_>, r: &mut BufReader<&File>, s: &'s std::thread::Sco
         }
         match c.try_inline(req, data) {
             Ok(rep) => {
-                reply(c, s, rep, !more);
-                c.done(&req);
+                reply(c, s, &req, rep, !more);
+                c.done();
             }
             Err((req, data)) => c.dispatch(s, Job::Request { req, data }),
         }

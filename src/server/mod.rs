@@ -10,7 +10,7 @@ pub mod sysfs;
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -245,13 +245,18 @@ impl Daemon {
     }
 
     pub fn accept_loop(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
+        // Out of descriptors, accept fails until a client leaves: wait instead of spinning.
+        let mut backoff = crate::listen::AcceptBackoff::new("control socket");
         for stream in listener.incoming() {
             match stream {
                 Ok(s) => {
+                    backoff.succeeded();
                     let me = self.clone();
-                    std::thread::spawn(move || me.connection(s));
+                    if let Err(e) = std::thread::Builder::new().spawn(move || me.connection(s)) {
+                        tracing::warn!("no thread for a control client: {e}");
+                    }
                 }
-                Err(e) => tracing::warn!("accept: {e}"),
+                Err(e) => std::thread::sleep(backoff.failed(&e)),
             }
         }
         Ok(())
@@ -560,30 +565,13 @@ impl Daemon {
     }
 }
 
-/// Binds the control socket with mode 0600 from the start: bound in a fresh directory only we
-/// can enter, given its mode there, then renamed into place, so no permissive umask ever
-/// exposes it (a Unix socket is reached by its inode: the rename keeps it listening). A socket
-/// file nobody answers on is stale (a daemon that died) and is replaced; one that answers is
-/// another daemon's, and an error.
+/// Binds the control socket, mode 0600 from the start (a stale socket replaced, a live one an
+/// error: [`crate::listen::bind_unix`]).
 pub fn bind_control(socket: &Path) -> io::Result<UnixListener> {
-    let dir = socket.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    if UnixStream::connect(socket).is_ok() {
-        return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("a daemon already serves {}", socket.display())));
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
     }
-    let file = socket.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "socket path has no file name"))?;
-    let private = dir.join(format!(".{}.{}", file.to_string_lossy(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&private);
-    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
-    let bound = (|| -> io::Result<UnixListener> {
-        let temp = private.join("s");
-        let listener = UnixListener::bind(&temp)?;
-        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&temp, socket)?;
-        Ok(listener)
-    })();
-    let _ = std::fs::remove_dir_all(&private);
-    let listener = bound?;
+    let listener = crate::listen::bind_unix(socket, 0o600)?;
     tracing::info!("serving device-mapper control on {}", socket.display());
     Ok(listener)
 }

@@ -181,6 +181,30 @@ impl Drop for Daemon {
     }
 }
 
+/// utime + stime of a process, in clock ticks (/proc/<pid>/stat fields 14 and 15).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces: fields count from after its closing parenthesis.
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Lowers a process's open-file limit to `limit` descriptors.
+pub fn limit_fds(pid: u32, limit: u64) {
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid rlimit structs for a process of ours.
+    assert_eq!(unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }, 0);
+    let new = libc::rlimit { rlim_cur: limit, rlim_max: old.rlim_max };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) }, 0);
+}
+
+/// Open descriptors of a process.
+pub fn fd_count(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64
+}
+
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
