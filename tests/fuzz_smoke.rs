@@ -241,27 +241,27 @@ fn smoke(target: &str, default_iters: u64) {
 
 #[test]
 fn linux_ioctl() {
-    smoke("linux_ioctl", 3000);
+    smoke("linux_ioctl", 10000);
 }
 
 #[test]
 fn proplib() {
-    smoke("proplib", 3000);
+    smoke("proplib", 6000);
 }
 
 #[test]
 fn dm_switch() {
-    smoke("dm_switch", 3000);
+    smoke("dm_switch", 40000);
 }
 
 #[test]
 fn nbd() {
-    smoke("nbd", 1500);
+    smoke("nbd", 8000);
 }
 
 #[test]
 fn table_load() {
-    smoke("table_load", 3000);
+    smoke("table_load", 25000);
 }
 
 // ---- the seed corpus ----------------------------------------------------------------------------
