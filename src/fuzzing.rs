@@ -24,8 +24,11 @@ use crate::ioctl::linux::{self, Decoded};
 use crate::ioctl::netbsd::{self, NetbsdErrors};
 use crate::nbd::proto;
 
+/// An entry point: one input, a panic on a bug.
+pub type Entry = fn(&[u8]);
+
 /// Every target by name, for the smoke test and the corpus generator.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Entry)] = &[
     ("linux_ioctl", linux_ioctl),
     ("proplib", proplib),
     ("dm_switch", dm_switch),

@@ -589,17 +589,23 @@ mod corpus {
     }
 }
 
-#[test]
-#[ignore = "rewrites fuzz/corpus; run by hand after changing an input layout"]
-fn write_corpus() {
-    let all: [(&str, Vec<(&str, Vec<u8>)>); 5] = [
+/// Seed files (name, bytes) per target.
+type Seeds = Vec<(&'static str, Vec<u8>)>;
+
+fn all_seeds() -> [(&'static str, Seeds); 5] {
+    [
         ("linux_ioctl", corpus::linux_ioctl()),
         ("proplib", corpus::proplib()),
         ("dm_switch", corpus::dm_switch()),
         ("nbd", corpus::nbd()),
         ("table_load", corpus::table_load()),
-    ];
-    for (target, files) in all {
+    ]
+}
+
+#[test]
+#[ignore = "rewrites fuzz/corpus; run by hand after changing an input layout"]
+fn write_corpus() {
+    for (target, files) in all_seeds() {
         let dir = corpus_dir(target);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("corpus dir");
@@ -612,17 +618,10 @@ fn write_corpus() {
 /// The seeds are what the generator writes: they follow the input layouts.
 #[test]
 fn corpus_is_current() {
-    for (target, files) in [
-        ("linux_ioctl", corpus::linux_ioctl()),
-        ("proplib", corpus::proplib()),
-        ("dm_switch", corpus::dm_switch()),
-        ("nbd", corpus::nbd()),
-        ("table_load", corpus::table_load()),
-    ] {
+    for (target, files) in all_seeds() {
         for (name, bytes) in files {
             let on_disk = std::fs::read(corpus_dir(target).join(name)).unwrap_or_default();
             assert!(on_disk == bytes, "fuzz/corpus/{target}/{name} is stale: run write_corpus");
         }
     }
 }
-

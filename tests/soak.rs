@@ -42,7 +42,7 @@ fn cycle(d: &Daemon, client: usize, round: usize, file: &str) {
     let name = format!("soak{client}-{round}");
     let renamed = format!("{name}-r");
     let half = FILE_SECTORS / 2;
-    let first = if client % 2 == 0 {
+    let first = if client.is_multiple_of(2) {
         format!("0 {FILE_SECTORS} linear {file} 0\n")
     } else {
         format!("0 {FILE_SECTORS} zero\n")
@@ -52,7 +52,7 @@ fn cycle(d: &Daemon, client: usize, round: usize, file: &str) {
     let second = format!("0 {half} linear {file} {half}\n{half} {half} linear {file} 0\n");
     d.dmsetup_stdin(&["reload", &name], &second).ok();
     d.dmsetup(&["resume", &name]).ok();
-    if client % 2 == 0 {
+    if client.is_multiple_of(2) {
         let pattern = format!("{:#04x}", 0x10 + (client * 16 + round) % 0xe0);
         let uri = d.nbd_uri(&name);
         let io = d.run(
