@@ -65,7 +65,11 @@ impl DeviceResolver for FakeDevices {
         })
     }
     fn resolve_block(&self, dev: DevNum) -> DmResult<Resolved> {
-        Ok(Resolved { identity: Identity::Block(dev), path: format!("/dev/block/{dev}"), size: Sectors(DEFAULT_SECTORS) })
+        Ok(Resolved {
+            identity: Identity::Block(dev),
+            path: format!("/dev/block/{dev}"),
+            size: Sectors(DEFAULT_SECTORS),
+        })
     }
 }
 
@@ -266,6 +270,7 @@ fn query_all(e: &Engine, minor: u32) {
 /// read-only), `lin` (linear over `z`, going through the data plane's stacking), `st` (striped
 /// over two zero devices), all without files.
 fn nbd_plane() -> DataPlane {
+    // The engine stays alive beside the plane: it owns the devices' pdevs and minors.
     static PLANE: OnceLock<(DataPlane, Mutex<Engine>)> = OnceLock::new();
     let (plane, _) = PLANE.get_or_init(|| {
         let plane = DataPlane::detached();
@@ -374,7 +379,8 @@ fn load_and_check(e: &mut Engine, specs: Vec<TargetSpec>) {
     if run(e, Command::DevResume { key: name("t"), opts: SuspendOpts::default() }).is_err() {
         return;
     }
-    let status = |e: &mut Engine, status| match run(e, Command::TableStatus { key: name("t"), status, noflush: false }) {
+    let status = |e: &mut Engine, status| match run(e, Command::TableStatus { key: name("t"), status, noflush: false })
+    {
         Ok(Reply::Status(_, Some(s))) => s,
         r => panic!("status of a live table: {r:?}"),
     };

@@ -57,7 +57,15 @@ fn cycle(d: &Daemon, client: usize, round: usize, file: &str) {
         let uri = d.nbd_uri(&name);
         let io = d.run(
             "qemu-io",
-            &["-f", "raw", "-c", &format!("write -P {pattern} 2M 64k"), "-c", &format!("read -P {pattern} 2M 64k"), &uri],
+            &[
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P {pattern} 2M 64k"),
+                "-c",
+                &format!("read -P {pattern} 2M 64k"),
+                &uri,
+            ],
         );
         let out = io.ok();
         assert!(!out.contains("failed") && out.contains("read 65536/65536"), "{name}: {out}");
