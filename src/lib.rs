@@ -18,6 +18,8 @@
 pub mod client;
 pub mod dm;
 pub mod fuse;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod ioctl;
 pub mod listen;

@@ -190,6 +190,13 @@ pub fn option_reply(opt: u32, typ: u32, len: u32) -> [u8; 20] {
     b
 }
 
+/// One client session on an accepted socket (handshake, then transmission), as a listener runs
+/// it: the NBD parsers driven from bytes over a socketpair (`crate::fuzzing`).
+#[doc(hidden)]
+pub fn serve_connection(io: &crate::io::DataPlane, sock: std::fs::File, tuning: super::Tuning) {
+    super::connection(io, sock, tuning)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
