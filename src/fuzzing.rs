@@ -52,24 +52,16 @@ const MAX_SECTORS: u64 = i64::MAX as u64 / 512;
 pub struct FakeDevices;
 
 impl DeviceResolver for FakeDevices {
-    fn resolve_path(&self, path: &str) -> DmResult<Resolved> {
+    fn resolve_path(&self, path: &str, _writable: bool) -> DmResult<Resolved> {
         if path.is_empty() || path.contains("missing") {
             return Err(DmError::NoSuchBlockDevice(path.into()));
         }
         let size = path.rsplit('/').next().and_then(|s| s.parse::<u64>().ok()).unwrap_or(DEFAULT_SECTORS);
         let ino = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        Ok(Resolved {
-            identity: Identity::File { dev: 1, ino },
-            path: path.into(),
-            size: Sectors(size.min(MAX_SECTORS)),
-        })
+        Ok(Resolved::unopened(Identity::File { dev: 1, ino }, path.into(), Sectors(size.min(MAX_SECTORS))))
     }
-    fn resolve_block(&self, dev: DevNum) -> DmResult<Resolved> {
-        Ok(Resolved {
-            identity: Identity::Block(dev),
-            path: format!("/dev/block/{dev}"),
-            size: Sectors(DEFAULT_SECTORS),
-        })
+    fn resolve_block(&self, dev: DevNum, _writable: bool) -> DmResult<Resolved> {
+        Ok(Resolved::unopened(Identity::Block(dev), format!("/dev/block/{dev}"), Sectors(DEFAULT_SECTORS)))
     }
 }
 

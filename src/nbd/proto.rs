@@ -194,7 +194,7 @@ pub fn option_reply(opt: u32, typ: u32, len: u32) -> [u8; 20] {
 /// it: the NBD parsers driven from bytes over a socketpair (`crate::fuzzing`).
 #[doc(hidden)]
 pub fn serve_connection(io: &crate::io::DataPlane, sock: std::fs::File, tuning: super::Tuning) {
-    super::connection(io, sock, tuning)
+    super::connection(io, &sock, &std::sync::atomic::AtomicBool::new(false), tuning)
 }
 
 #[cfg(test)]
