@@ -26,12 +26,7 @@ const REP_INFO: u32 = 3;
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap())
-}
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap())
-}
+use common::{be32, be64};
 
 /// Fixed newstyle handshake and NBD_OPT_GO without structured replies: replies are simple.
 fn go(sock: &Path, name: &str) -> UnixStream {
@@ -212,12 +207,7 @@ fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
     let clients: Vec<UnixStream> = (0..20).map(|_| UnixStream::connect(d.nbd_socket()).unwrap()).collect();
     wait_for("the accept failure in the log", || d.log().contains("Too many open files"));
 
-    let (t0, c0) = (Instant::now(), common::cpu_ticks(pid));
-    std::thread::sleep(Duration::from_millis(1000));
-    let (wall, cpu) = (t0.elapsed(), common::cpu_ticks(pid) - c0);
-    // SAFETY: no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let busy = cpu as f64 / hz / wall.as_secs_f64();
+    let busy = common::cpu_share_over_a_second(pid);
     assert!(busy < 0.2, "the daemon used {:.0} % of a CPU while accept failed", busy * 100.0);
     // One warning (a second if this took over 5 s); a client that the daemon lost track of
     // (one of the test's own dmsetup connections closing late) may let one accept through.

@@ -75,12 +75,7 @@ fn out_of_descriptors_the_control_accept_loop_backs_off_and_recovers() {
         assert!(Instant::now() < deadline, "no accept failure logged");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (t0, c0) = (Instant::now(), common::cpu_ticks(pid));
-    std::thread::sleep(Duration::from_millis(1000));
-    let (wall, cpu) = (t0.elapsed(), common::cpu_ticks(pid) - c0);
-    // SAFETY: no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let busy = cpu as f64 / hz / wall.as_secs_f64();
+    let busy = common::cpu_share_over_a_second(pid);
     assert!(busy < 0.2, "the daemon used {:.0} % of a CPU while accept failed", busy * 100.0);
     let log = d.log();
     let about = log.lines().filter(|l| l.contains("control socket") && l.contains("WARN")).count();

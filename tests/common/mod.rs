@@ -190,6 +190,25 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
+/// The share of one CPU a process uses over the next second (an idle loop's check, not a speed
+/// measurement).
+pub fn cpu_share_over_a_second(pid: u32) -> f64 {
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+    std::thread::sleep(Duration::from_millis(1000));
+    let (wall, cpu) = (t0.elapsed(), cpu_ticks(pid) - c0);
+    // SAFETY: no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    cpu as f64 / hz / wall.as_secs_f64()
+}
+
+/// Big-endian fields of NBD messages.
+pub fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().unwrap())
+}
+pub fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+
 /// Lowers a process's open-file limit to `limit` descriptors.
 pub fn limit_fds(pid: u32, limit: u64) {
     let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
