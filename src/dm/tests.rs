@@ -141,7 +141,7 @@ fn rename_and_uuid_rules() {
     run(&mut e, Command::DevRename { name: "c".into(), to: u("U1") }).unwrap();
     assert!(matches!(run(&mut e, Command::DevRename { name: "c".into(), to: u("U2") }), Err(DmError::Invalid(_))));
     assert!(matches!(run(&mut e, Command::DevRename { name: "b".into(), to: u("U1") }), Err(DmError::Busy(_))));
-    match run(&mut e, Command::ListDevices { name_prefix: String::new(), uuid_prefix: String::new(), with_uuid: true })
+    match run(&mut e, Command::ListDevices { name_prefix: Vec::new(), uuid_prefix: Vec::new(), with_uuid: true })
         .unwrap()
     {
         Reply::DeviceList(l) => {
