@@ -256,7 +256,14 @@ impl DataPlane {
     }
 
     /// Publishes a device's state from the engine. `table` is the live table.
-    pub fn publish(&self, minor: u32, name: impl AsRef<[u8]>, table: Option<Arc<Table>>, suspended: bool, read_only: bool) {
+    pub fn publish(
+        &self,
+        minor: u32,
+        name: impl AsRef<[u8]>,
+        table: Option<Arc<Table>>,
+        suspended: bool,
+        read_only: bool,
+    ) {
         self.publish_with_stats(minor, name, table, suspended, read_only, None)
     }
 

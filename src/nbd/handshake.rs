@@ -303,7 +303,11 @@ impl Negotiation<'_> {
         let found = if opt == OPT_GO {
             self.io.open(&name).map(|h| (h.size(), h.read_only(), h.limits(), Some(h)))
         } else {
-            self.io.active_devices().into_iter().find(|d| d.name == name.as_bytes()).map(|d| (d.size, d.read_only, d.limits, None))
+            self.io
+                .active_devices()
+                .into_iter()
+                .find(|d| d.name == name.as_bytes())
+                .map(|d| (d.size, d.read_only, d.limits, None))
         };
         let Some((size, read_only, limits, handle)) = found else {
             self.rep.error(opt, REP_ERR_UNKNOWN, &format!("no active device named {name:?}"))?;

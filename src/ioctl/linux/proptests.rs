@@ -5,11 +5,11 @@
 use proptest::prelude::*;
 
 use super::fixtures::{buf, header, info, reply_header, set_field, sized, table, with_name, with_uuid};
-use crate::dm::Command;
-use crate::ioctl::reader::field_str;
 use super::{decode, encode, encode_error, Decoded, DecodedIoctl};
+use crate::dm::Command;
 use crate::dm::{DevInfo, DevNum, DmError, DmName, DmUuid, NameEntry, Reply, Sectors, TargetStatus, TargetVersion};
 use crate::ioctl::layout::{dm_ioctl_request, DmCmd, DmFlags};
+use crate::ioctl::reader::field_str;
 
 /// `{4, 0, 0}`, what libdm sends for most commands.
 const LIBDM_VERSION: [u8; 12] = [4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -41,19 +41,15 @@ fn seeds() -> Vec<(DmCmd, Vec<u8>)> {
 
 /// Names are bytes: anything but NUL, mostly without `/` so that few are filtered out.
 fn name_strategy() -> impl Strategy<Value = DmName> {
-    prop_oneof![
-        "[a-z0-9_.-]{1,127}".prop_map(String::into_bytes),
-        proptest::collection::vec(1u8..=255, 1..=127),
-    ]
-    .prop_filter_map("check_name", |s| DmName::new(s).ok())
+    prop_oneof!["[a-z0-9_.-]{1,127}".prop_map(String::into_bytes), proptest::collection::vec(1u8..=255, 1..=127),]
+        .prop_filter_map("check_name", |s| DmName::new(s).ok())
 }
 
 fn uuid_strategy() -> impl Strategy<Value = Option<DmUuid>> {
-    proptest::option::of(prop_oneof![
-        "[A-Za-z0-9-]{1,128}".prop_map(String::into_bytes),
-        proptest::collection::vec(1u8..=255, 1..=128),
-    ]
-    .prop_map(|s| DmUuid::new(s).unwrap()))
+    proptest::option::of(
+        prop_oneof!["[A-Za-z0-9-]{1,128}".prop_map(String::into_bytes), proptest::collection::vec(1u8..=255, 1..=128),]
+            .prop_map(|s| DmUuid::new(s).unwrap()),
+    )
 }
 
 fn text_strategy() -> impl Strategy<Value = String> {

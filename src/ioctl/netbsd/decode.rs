@@ -132,9 +132,7 @@ fn handler(cmd: NbCmd, dict: &mut Dict, devices: &dyn Devices) -> Result<Option<
     let command = match cmd {
         NbCmd::Version => return Ok(None),
         NbCmd::Targets => Command::ListVersions,
-        NbCmd::Names => {
-            Command::ListDevices { name_prefix: Vec::new(), uuid_prefix: Vec::new(), with_uuid: false }
-        }
+        NbCmd::Names => Command::ListDevices { name_prefix: Vec::new(), uuid_prefix: Vec::new(), with_uuid: false },
         NbCmd::Create => {
             // NetBSD accepts any name; the engine keeps Linux's check_name (docs/protocols.md).
             // Bytes pass as proplib carries them, UTF-8 or not (§5.2).
