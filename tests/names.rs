@@ -93,7 +93,11 @@ fn a_slash_or_a_reserved_name_is_still_einval() {
     for bad in [&b"control"[..], b".", b".."] {
         let out = dmsetup(&d, &[b"create", bad, b"--table", b"0 8 zero"]);
         let stderr = cat(&[b"device-mapper: create ioctl on ", bad, b"  failed: Invalid argument\nCommand failed.\n"]);
-        assert_eq!((out.code, out.stdout.as_slice(), out.stderr), (1, &b""[..], stderr), "{out:?}");
+        assert_eq!(
+            (out.code, out.stdout.as_slice(), out.stderr.as_slice()),
+            (1, &b""[..], stderr.as_slice()),
+            "{out:?}"
+        );
     }
     // The daemon refuses it too, among any other bytes, on create and as a new name.
     for bad in [&b"caf\xe9/x"[..], b"/", b"\xff/", b"control", b".", b".."] {
