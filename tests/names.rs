@@ -110,3 +110,17 @@ fn a_slash_or_a_reserved_name_is_still_einval() {
     ok(dmsetup(&d, &[b"ls"]), &cat(&[b"\xe9", format!("\t({}:0)\n", d.major()).as_bytes()]));
     assert!(d.alive());
 }
+
+/// The state record keeps name and uuid bytes: a daemon started on the same run dir brings the
+/// device back under the same bytes.
+#[test]
+fn byte_names_survive_a_restart() {
+    let mut d = Daemon::start();
+    let major = d.major();
+    let (name, uuid) = (&b"\xe9t\xe9 \x01"[..], &b"\x80\x81"[..]);
+    ok(dmsetup(&d, &[b"create", name, b"-u", uuid, b"--table", b"0 2048 zero"]), b"");
+    d.restart_after(libc::SIGKILL);
+    ok(dmsetup(&d, &[b"info", name]), &info(name, 0, major, uuid));
+    assert_eq!(std::fs::read(d.path("sys/block/dm-0/dm/name")).unwrap(), cat(&[name, b"\n"]));
+    ok(dmsetup(&d, &[b"remove", name]), b"");
+}

@@ -57,9 +57,9 @@ fn slaves_of(d: &Device) -> Vec<u32> {
     set.into_iter().collect()
 }
 
-fn write_atomic(path: &Path, content: impl AsRef<[u8]>) -> io::Result<()> {
+fn write_atomic(path: &Path, content: &(impl AsRef<[u8]> + ?Sized)) -> io::Result<()> {
     let tmp = path.with_extension("tmp~");
-    std::fs::write(&tmp, content)?;
+    std::fs::write(&tmp, content.as_ref())?;
     std::fs::rename(&tmp, path)
 }
 

@@ -317,7 +317,7 @@ fn rename_sets_a_uuid_and_finds_the_device_by_name_only() {
     let b = buf(flagged(named("old"), DmFlags::UUID), &string_payload("u".repeat(128).as_bytes()));
     assert_eq!(
         cmd_of(DmCmd::DevRename, &b),
-        Command::DevRename { name: "old".into(), to: RenameTo::Uuid(DmUuid::new(&"u".repeat(128)).unwrap()) }
+        Command::DevRename { name: "old".into(), to: RenameTo::Uuid(DmUuid::new("u".repeat(128)).unwrap()) }
     );
     // Identified by uuid: the name is empty, which the engine reports as ENXIO.
     let b = buf(with_uuid(header(), "x"), &string_payload(b"new"));
