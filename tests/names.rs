@@ -124,3 +124,38 @@ fn byte_names_survive_a_restart() {
     assert_eq!(std::fs::read(d.path("sys/block/dm-0/dm/name")).unwrap(), cat(&[name, b"\n"]));
     ok(dmsetup(&d, &[b"remove", name]), b"");
 }
+
+/// The FUSE front end names a device's file by the name's raw bytes, and the shim's `/dev/dm-N`
+/// (which reads the name back from sysfs) and `/dev/mapper/<bytes>` both lead to it.
+#[test]
+fn fuse_files_are_named_by_the_raw_bytes() {
+    use std::os::unix::fs::FileExt;
+    let m = common::fuse::Mapper::start();
+    let name = &b"caf\xe9 "[..];
+    let file = m.d.file("disk.img", 64);
+    let table = format!("0 64 linear {file} 0");
+    ok(dmsetup(&m.d, &[b"create", name, b"--table", table.as_bytes()]), b"");
+    let listed: Vec<Vec<u8>> =
+        std::fs::read_dir(&m.fuse).unwrap().map(|e| e.unwrap().file_name().as_bytes().to_vec()).collect();
+    assert_eq!(listed, vec![name.to_vec()]);
+    let f = std::fs::OpenOptions::new().write(true).open(m.fuse.join(OsStr::from_bytes(name))).unwrap();
+    f.write_all_at(b"through the byte name", 512).unwrap();
+    drop(f);
+    assert_eq!(&std::fs::read(&file).unwrap()[512..533], b"through the byte name");
+    // /dev/dm-0 under the shim: the name comes back from sysfs, trailing space and all.
+    let out = m.run("dd", &["if=/dev/dm-0", "bs=512", "skip=1", "count=1", "status=none"]);
+    assert!(out.stdout.as_bytes().starts_with(b"through the byte name"), "{out:?}");
+    // /dev/mapper/<bytes> under the shim.
+    let mut dd: Vec<&OsStr> = ["dd", "bs=512", "skip=1", "count=1", "status=none"].iter().map(OsStr::new).collect();
+    let arg = [&b"if=/dev/mapper/"[..], name].concat();
+    dd.push(OsStr::from_bytes(&arg));
+    let out = std::process::Command::new(common::bin())
+        .arg("exec")
+        .arg("--socket")
+        .arg(&m.d.socket)
+        .arg("--")
+        .args(&dd)
+        .output()
+        .unwrap();
+    assert!(out.stdout.starts_with(b"through the byte name"), "{out:?}");
+}
