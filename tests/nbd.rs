@@ -981,3 +981,40 @@ fn metadata_context_negotiation_and_block_status_follow_the_protocol() {
     let (len, state) = got[0];
     assert!(len > 0 && len < asked && len % 4096 == 0 && state == 3, "{got:?}");
 }
+
+/// Export names are UTF-8 (proto.md), device names are bytes: a device whose name is not UTF-8
+/// is not listed and cannot be reached by name, and its bytes never reach another device (say one
+/// named with U+FFFD, which a lossy conversion would produce).
+#[test]
+fn devices_with_non_utf8_names_are_not_exports() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let d = Daemon::start();
+    let replaced = "caf\u{fffd}";
+    for name in [&b"caf\xe9"[..], replaced.as_bytes()] {
+        let args: Vec<&OsStr> = ["--manglename", "none", "create"]
+            .iter()
+            .map(OsStr::new)
+            .chain([OsStr::from_bytes(name)])
+            .chain(["--table", "0 8 zero"].iter().map(OsStr::new))
+            .collect();
+        let out = d.dmsetup_os(&args);
+        assert_eq!(out.code, 0, "{out:?}");
+    }
+    assert_eq!(Haggle::connect(&d.nbd_socket()).list(), vec![replaced]);
+    // NBD_OPT_GO with the raw bytes: not a UTF-8 name, so not a valid request.
+    let mut h = Haggle::connect(&d.nbd_socket());
+    let mut req = 4u32.to_be_bytes().to_vec();
+    req.extend_from_slice(b"caf\xe9");
+    req.extend_from_slice(&0u16.to_be_bytes());
+    h.option(OPT_GO, &req);
+    assert_eq!(h.reply(OPT_GO).0, REP_ERR_INVALID);
+    // NBD_OPT_EXPORT_NAME (no error reply exists): the session ends without an export.
+    h.option(1, b"caf\xe9");
+    let mut rest = Vec::new();
+    let _ = h.s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the server answered an export for non-UTF-8 bytes: {rest:?}");
+    // The U+FFFD device is an ordinary export.
+    assert_eq!(open(&d, replaced).size, 4096);
+    assert!(d.alive());
+}

@@ -114,7 +114,9 @@ fn dm_name(run_dir: &[u8], n: &[u8]) -> Option<Vec<u8>> {
     p.extend_from_slice(b"/dm/name");
     let p = CString::new(p).ok()?;
     let mut name = crate::sys::keep_errno(|| crate::sys::read_small(&p))?;
-    while name.last().is_some_and(|c| c.is_ascii_whitespace()) {
+    // The file is the name's raw bytes and one newline: any other byte, whitespace included, may
+    // be part of the name.
+    if name.last() == Some(&b'\n') {
         name.pop();
     }
     (!name.is_empty() && !name.contains(&b'/')).then_some(name)

@@ -13,9 +13,9 @@ pub struct ExecArgs {
     /// Control socket path (default: $DMEMU_SOCKET, else a per-user default).
     #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// The command and its arguments.
+    /// The command and its arguments (any bytes: device names need not be UTF-8).
     #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
-    pub command: Vec<String>,
+    pub command: Vec<std::ffi::OsString>,
 }
 
 pub fn run(a: ExecArgs) -> Result {
@@ -37,5 +37,5 @@ pub fn run(a: ExecArgs) -> Result {
         .env("DM_DEV_DIR", &dev_dir)
         .env("DM_DISABLE_UDEV", "1")
         .exec();
-    Err(format!("{}: {err}", a.command[0]).into())
+    Err(format!("{}: {err}", a.command[0].to_string_lossy()).into())
 }

@@ -34,10 +34,10 @@ pub enum Command {
     RemoveAll {
         deferred: bool,
     },
-    /// Lists devices whose name and uuid start with the given prefixes (empty = all).
+    /// Lists devices whose name and uuid bytes start with the given prefixes (empty = all).
     ListDevices {
-        name_prefix: String,
-        uuid_prefix: String,
+        name_prefix: Vec<u8>,
+        uuid_prefix: Vec<u8>,
         with_uuid: bool,
     },
     DevCreate {
@@ -51,7 +51,8 @@ pub enum Command {
     },
     /// Rename locates the device by name only (linux-dm-abi.md §2.4).
     DevRename {
-        name: String,
+        /// Name bytes, without the NUL.
+        name: Vec<u8>,
         to: RenameTo,
     },
     DevSuspend {

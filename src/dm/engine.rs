@@ -28,8 +28,8 @@ pub struct Engine {
     /// By minor.
     devices: BTreeMap<u32, Device>,
     /// Name → minor, in `strcmp` order (LIST_DEVICES order, linux-dm-abi.md §2.4).
-    by_name: BTreeMap<String, u32>,
-    by_uuid: HashMap<String, u32>,
+    by_name: BTreeMap<Vec<u8>, u32>,
+    by_uuid: HashMap<Vec<u8>, u32>,
     pdevs: PdevRegistry,
     targets: TargetRegistry,
     resolver: Box<dyn DeviceResolver>,
@@ -58,7 +58,7 @@ fn dm_minors(devs: &[Arc<Pdev>]) -> impl Iterator<Item = u32> + '_ {
 }
 
 fn no_device(key: &DevKey) -> DmError {
-    DmError::NoDevice(format!("{key:?}"))
+    DmError::NoDevice(format!("no device with {key}"))
 }
 
 impl Engine {
@@ -184,8 +184,8 @@ impl Engine {
 
     fn find(&self, key: &DevKey) -> DmResult<u32> {
         let minor = match key {
-            DevKey::Name(n) => self.by_name.get(n).copied(),
-            DevKey::Uuid(u) => self.by_uuid.get(u).copied(),
+            DevKey::Name(n) => self.by_name.get(n.as_slice()).copied(),
+            DevKey::Uuid(u) => self.by_uuid.get(u.as_slice()).copied(),
             DevKey::Dev(d) if d.major == self.cfg.major => Some(d.minor).filter(|m| self.devices.contains_key(m)),
             DevKey::Dev(_) => None,
         };
@@ -309,12 +309,13 @@ impl Engine {
         reply
     }
 
-    fn list(&self, name_prefix: &str, uuid_prefix: &str, with_uuid: bool) -> Vec<NameEntry> {
+    fn list(&self, name_prefix: &[u8], uuid_prefix: &[u8], with_uuid: bool) -> Vec<NameEntry> {
+        use std::ops::Bound;
         self.by_name
-            .range(name_prefix.to_owned()..)
+            .range::<[u8], _>((Bound::Included(name_prefix), Bound::Unbounded))
             .take_while(|(n, _)| n.starts_with(name_prefix))
             .map(|(_, m)| &self.devices[m])
-            .filter(|d| d.uuid.as_ref().map_or("", |u| u.as_str()).starts_with(uuid_prefix))
+            .filter(|d| d.uuid.as_ref().map_or(&[][..], |u| u.as_bytes()).starts_with(uuid_prefix))
             .map(|d| NameEntry {
                 dev: self.dev_num(d.minor),
                 name: d.name.clone(),
@@ -335,16 +336,16 @@ impl Engine {
                 .find(|m| !self.devices.contains_key(m))
                 .ok_or_else(|| DmError::NoDevice("no free minor".into()))?,
         };
-        if self.by_name.contains_key(name.as_str()) {
+        if self.by_name.contains_key(name.as_bytes()) {
             return Err(DmError::Busy(format!("device name {name} already in use")));
         }
         if let Some(u) = &uuid {
-            if self.by_uuid.contains_key(u.as_str()) {
+            if self.by_uuid.contains_key(u.as_bytes()) {
                 return Err(DmError::Busy(format!("uuid {u} already in use")));
             }
-            self.by_uuid.insert(u.as_str().to_owned(), minor);
+            self.by_uuid.insert(u.as_bytes().to_vec(), minor);
         }
-        self.by_name.insert(name.as_str().to_owned(), minor);
+        self.by_name.insert(name.as_bytes().to_vec(), minor);
         self.devices.insert(minor, Device::new(name, uuid, minor));
         if minor == self.free_from {
             self.free_from += 1;
@@ -366,9 +367,9 @@ impl Engine {
         self.deferred.remove(&minor);
         self.free_from = self.free_from.min(minor);
         self.changed.insert(minor);
-        self.by_name.remove(d.name.as_str());
+        self.by_name.remove(d.name.as_bytes());
         if let Some(u) = &d.uuid {
-            self.by_uuid.remove(u.as_str());
+            self.by_uuid.remove(u.as_bytes());
         }
         self.global_event += 1;
         d
@@ -429,31 +430,31 @@ impl Engine {
         }
     }
 
-    fn rename(&mut self, name: &str, to: RenameTo) -> DmResult<u32> {
+    fn rename(&mut self, name: &[u8], to: RenameTo) -> DmResult<u32> {
         // Order of checks as the kernel's dm_hash_rename (linux-dm-abi.md §2.4).
         match &to {
-            RenameTo::Name(n) if self.by_name.contains_key(n.as_str()) => {
+            RenameTo::Name(n) if self.by_name.contains_key(n.as_bytes()) => {
                 return Err(DmError::Busy(format!("name {n} already in use")))
             }
-            RenameTo::Uuid(u) if self.by_uuid.contains_key(u.as_str()) => {
+            RenameTo::Uuid(u) if self.by_uuid.contains_key(u.as_bytes()) => {
                 return Err(DmError::Busy(format!("uuid {u} already in use")))
             }
             _ => {}
         }
-        let m = *self.by_name.get(name).ok_or_else(|| DmError::NoDevice(name.to_owned()))?;
+        let m = *self.by_name.get(name).ok_or_else(|| DmError::NoDevice(format!("no device {}", Escaped(name))))?;
         self.changed.insert(m);
         let d = self.devices.get_mut(&m).expect("indexed");
         match to {
             RenameTo::Uuid(u) => {
                 if let Some(old) = &d.uuid {
-                    return Err(invalid!("device {name} already has uuid {old}"));
+                    return Err(invalid!("device {} already has uuid {old}", d.name));
                 }
-                self.by_uuid.insert(u.as_str().to_owned(), m);
+                self.by_uuid.insert(u.as_bytes().to_vec(), m);
                 d.uuid = Some(u);
             }
             RenameTo::Name(n) => {
                 self.by_name.remove(name);
-                self.by_name.insert(n.as_str().to_owned(), m);
+                self.by_name.insert(n.as_bytes().to_vec(), m);
                 d.name = n;
             }
         }
@@ -589,7 +590,8 @@ impl Engine {
 
     fn load(&mut self, m: u32, specs: &[TargetSpec], read_only: bool) -> DmResult<()> {
         let (by_name, devices) = (&self.by_name, &self.devices);
-        let dm_by_name = |n: &str| by_name.get(n).copied();
+        // Table parameters are text, so only a UTF-8 name can be named in one.
+        let dm_by_name = |n: &str| by_name.get(n.as_bytes()).copied();
         let dm_exists = |x: u32| devices.contains_key(&x);
         let mut env = BuildEnv {
             self_minor: m,

@@ -141,7 +141,7 @@ fn rename_and_uuid_rules() {
     run(&mut e, Command::DevRename { name: "c".into(), to: u("U1") }).unwrap();
     assert!(matches!(run(&mut e, Command::DevRename { name: "c".into(), to: u("U2") }), Err(DmError::Invalid(_))));
     assert!(matches!(run(&mut e, Command::DevRename { name: "b".into(), to: u("U1") }), Err(DmError::Busy(_))));
-    match run(&mut e, Command::ListDevices { name_prefix: String::new(), uuid_prefix: String::new(), with_uuid: true })
+    match run(&mut e, Command::ListDevices { name_prefix: Vec::new(), uuid_prefix: Vec::new(), with_uuid: true })
         .unwrap()
     {
         Reply::DeviceList(l) => {
@@ -151,6 +151,44 @@ fn rename_and_uuid_rules() {
         }
         r => panic!("{r:?}"),
     }
+}
+
+/// Names and uuids are bytes: LIST_DEVICES is in `strcmp` (unsigned byte) order, prefixes match bytes, and
+/// lookups and renames take any bytes the kernel does.
+#[test]
+fn byte_names_list_in_strcmp_order_and_filter_by_byte_prefix() {
+    let mut e = engine();
+    let make = |e: &mut Engine, n: &[u8], u: Option<&[u8]>| {
+        let (name, uuid) = (DmName::new(n).unwrap(), u.map(|u| DmUuid::new(u).unwrap()));
+        run(e, Command::DevCreate { name, uuid, minor: None }).unwrap();
+    };
+    make(&mut e, b"caf\xe9", Some(b"U-\xff"));
+    make(&mut e, b"cafe", None);
+    make(&mut e, b"caf\xc3\xa9", Some(b"U-\x80"));
+    make(&mut e, b"\x01", None);
+    let list = |e: &mut Engine, n: &[u8], u: &[u8]| match run(
+        e,
+        Command::ListDevices { name_prefix: n.to_vec(), uuid_prefix: u.to_vec(), with_uuid: true },
+    )
+    .unwrap()
+    {
+        Reply::DeviceList(l) => l.iter().map(|d| d.name.as_bytes().to_vec()).collect::<Vec<_>>(),
+        r => panic!("{r:?}"),
+    };
+    let all: Vec<&[u8]> = vec![b"\x01", b"cafe", b"caf\xc3\xa9", b"caf\xe9"];
+    assert_eq!(list(&mut e, b"", b""), all);
+    assert_eq!(list(&mut e, b"caf\xe9", b""), [b"caf\xe9"]);
+    assert_eq!(list(&mut e, b"caf", b"U-\xff"), [b"caf\xe9"]);
+    assert_eq!(list(&mut e, b"caf\xc3", b"U-"), [b"caf\xc3\xa9"]);
+    let key = DevKey::Uuid(b"U-\x80".to_vec());
+    assert!(
+        matches!(run(&mut e, Command::DevStatus { key }), Ok(Reply::Device(i)) if i.name.as_bytes() == b"caf\xc3\xa9")
+    );
+    let to = RenameTo::Name(DmName::new(b"\xfe").unwrap());
+    run(&mut e, Command::DevRename { name: b"caf\xe9".to_vec(), to }).unwrap();
+    assert_eq!(list(&mut e, b"", b"U-\xff"), [b"\xfe"]);
+    let gone = run(&mut e, Command::DevStatus { key: DevKey::Name(b"caf\xe9".to_vec()) });
+    assert!(matches!(gone, Err(DmError::NoDevice(ref m)) if m.contains("caf\\xe9")), "{gone:?}");
 }
 
 #[test]

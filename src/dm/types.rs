@@ -36,51 +36,96 @@ pub const MINOR_LIMIT: u32 = 1 << 20;
 /// The kernel's DM_MAX_TARGETS (linux-dm-abi.md §1.1).
 pub const MAX_TARGETS: usize = 1_048_576;
 
+/// Writes bytes as text for logs and messages: valid UTF-8 as is, any other byte as `\xNN`.
+pub fn write_escaped(f: &mut fmt::Formatter<'_>, b: &[u8]) -> fmt::Result {
+    for chunk in b.utf8_chunks() {
+        f.write_str(chunk.valid())?;
+        for x in chunk.invalid() {
+            write!(f, "\\x{x:02x}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Bytes shown as [`write_escaped`] does.
+pub struct Escaped<'a>(pub &'a [u8]);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_escaped(f, self.0)
+    }
+}
+
 /// A device name that passed the kernel's `check_name` (non-empty, no `/`, not `control`, `.`, `..`,
-/// at most 127 bytes).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DmName(String);
+/// at most 127 bytes). Any other byte is allowed: names are C strings, not text (linux-dm-abi.md
+/// §2.4), so a NUL cannot be part of one.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DmName(Box<[u8]>);
 
 impl DmName {
-    pub fn new(s: &str) -> Result<Self, DmError> {
+    pub fn new(s: impl AsRef<[u8]>) -> Result<Self, DmError> {
+        let s = s.as_ref();
         if s.is_empty() || s.len() > DM_NAME_MAX {
             return Err(DmError::Invalid(format!("invalid device name length {}", s.len())));
         }
-        if s.contains('/') || s == "control" || s == "." || s == ".." {
-            return Err(DmError::Invalid(format!("invalid device name {s:?}")));
+        if s.contains(&b'/') || s.contains(&0) || matches!(s, b"control" | b"." | b"..") {
+            return Err(DmError::Invalid(format!("invalid device name \"{}\"", Escaped(s))));
         }
-        Ok(Self(s.to_owned()))
+        Ok(Self(s.into()))
     }
-    pub fn as_str(&self) -> &str {
+    /// The name as the kernel holds it (without the NUL).
+    pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+    /// The name when it is UTF-8 (an NBD export name must be).
+    pub fn to_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.0).ok()
     }
 }
 
 impl fmt::Display for DmName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        write_escaped(f, &self.0)
     }
 }
 
-/// A non-empty uuid of at most 128 bytes. A device may have none, so it is carried as `Option<DmUuid>`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DmUuid(String);
+impl fmt::Debug for DmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DmName(\"{self}\")")
+    }
+}
+
+/// A non-empty uuid of at most 128 bytes. The kernel checks nothing else (no `check_name` for
+/// uuids); like a name it is a C string, so it holds no NUL. A device may have none, so it is
+/// carried as `Option<DmUuid>`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DmUuid(Box<[u8]>);
 
 impl DmUuid {
-    pub fn new(s: &str) -> Result<Self, DmError> {
+    pub fn new(s: impl AsRef<[u8]>) -> Result<Self, DmError> {
+        let s = s.as_ref();
         if s.is_empty() || s.len() > DM_UUID_MAX {
             return Err(DmError::Invalid(format!("invalid uuid length {}", s.len())));
         }
-        Ok(Self(s.to_owned()))
+        if s.contains(&0) {
+            return Err(DmError::Invalid(format!("invalid uuid \"{}\"", Escaped(s))));
+        }
+        Ok(Self(s.into()))
     }
-    pub fn as_str(&self) -> &str {
+    pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 }
 
 impl fmt::Display for DmUuid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        write_escaped(f, &self.0)
+    }
+}
+
+impl fmt::Debug for DmUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DmUuid(\"{self}\")")
     }
 }
 
@@ -124,9 +169,21 @@ impl fmt::Display for DevNum {
 /// codec before a command is built.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DevKey {
-    Name(String),
-    Uuid(String),
+    /// Name bytes, without the NUL.
+    Name(Vec<u8>),
+    /// Uuid bytes, without the NUL.
+    Uuid(Vec<u8>),
     Dev(DevNum),
+}
+
+impl fmt::Display for DevKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DevKey::Name(n) => write!(f, "name \"{}\"", Escaped(n)),
+            DevKey::Uuid(u) => write!(f, "uuid \"{}\"", Escaped(u)),
+            DevKey::Dev(d) => write!(f, "dev {d}"),
+        }
+    }
 }
 
 /// Which status text a target is asked for.
@@ -165,6 +222,29 @@ mod tests {
         for bad in ["", "a/b", "control", ".", ".."] {
             assert!(DmName::new(bad).is_err(), "{bad}");
         }
-        assert!(DmName::new(&"x".repeat(128)).is_err());
+        assert!(DmName::new("x".repeat(128)).is_err());
+        assert!(DmName::new("x".repeat(127)).is_ok());
+    }
+
+    #[test]
+    fn names_and_uuids_are_bytes() {
+        let n = DmName::new(b"caf\xe9").unwrap();
+        assert_eq!(n.as_bytes(), b"caf\xe9");
+        assert_eq!(n.to_str(), None);
+        assert_eq!(n.to_string(), "caf\\xe9");
+        assert_eq!(format!("{n:?}"), "DmName(\"caf\\xe9\")");
+        assert_eq!(DmName::new("café").unwrap().to_string(), "café");
+        for bad in [&b"\xff/x"[..], b"a\0b"] {
+            assert!(DmName::new(bad).is_err());
+        }
+        // Byte order is strcmp order: 0xe9 sorts after every ASCII byte.
+        assert!(DmName::new(b"caf\xe9").unwrap() > DmName::new("caff").unwrap());
+        let u = DmUuid::new(b"\x01\xfe/..").unwrap();
+        assert_eq!(u.as_bytes(), b"\x01\xfe/..");
+        assert_eq!(u.to_string(), "\u{1}\\xfe/..");
+        assert!(DmUuid::new(vec![0xffu8; 128]).is_ok());
+        for bad in [&b""[..], &[0xff; 129], b"a\0"] {
+            assert!(DmUuid::new(bad).is_err());
+        }
     }
 }

@@ -14,8 +14,9 @@
 //! (libdm's node bookkeeping under the shim) stats these files.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -151,7 +152,7 @@ impl Filesystem for DevFs {
         if parent.0 != ROOT {
             return reply.error(Errno::ENOENT);
         }
-        match self.io.active_devices().into_iter().find(|d| OsStr::new(&d.name) == name) {
+        match self.io.active_devices().into_iter().find(|d| d.name == name.as_bytes()) {
             Some(d) => reply.entry(&TTL, &self.device_attr(&d), fuser::Generation(0)),
             None => reply.error(Errno::ENOENT),
         }
@@ -193,13 +194,14 @@ impl Filesystem for DevFs {
         if ino.0 != ROOT {
             return reply.error(Errno::ENOTDIR);
         }
+        // File names are the device names' raw bytes, as the kernel's /dev/mapper nodes are.
         let mut entries =
-            vec![(ROOT, FileType::Directory, ".".to_owned()), (ROOT, FileType::Directory, "..".to_owned())];
+            vec![(ROOT, FileType::Directory, OsString::from(".")), (ROOT, FileType::Directory, OsString::from(".."))];
         entries.extend(
             self.io
                 .active_devices()
                 .into_iter()
-                .map(|d| (u64::from(d.minor) + INO_BASE, FileType::RegularFile, d.name)),
+                .map(|d| (u64::from(d.minor) + INO_BASE, FileType::RegularFile, OsString::from_vec(d.name))),
         );
         for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {

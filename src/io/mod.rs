@@ -87,7 +87,8 @@ pub type IoResult<T = ()> = Result<T, IoError>;
 
 /// What a device looks like to IO at one moment.
 struct GateState {
-    name: String,
+    /// The device's name bytes (not necessarily UTF-8).
+    name: Vec<u8>,
     table: Option<Arc<Table>>,
     suspended: bool,
     /// A suspend with DM_NOFLUSH_FLAG is under way or done: requeued IO waits for the resume.
@@ -215,7 +216,8 @@ pub struct DataPlane {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActiveDevice {
     pub minor: u32,
-    pub name: String,
+    /// Name bytes (not necessarily UTF-8).
+    pub name: Vec<u8>,
     /// Bytes.
     pub size: u64,
     pub read_only: bool,
@@ -250,7 +252,14 @@ impl DataPlane {
     }
 
     /// Publishes a device's state from the engine. `table` is the live table.
-    pub fn publish(&self, minor: u32, name: &str, table: Option<Arc<Table>>, suspended: bool, read_only: bool) {
+    pub fn publish(
+        &self,
+        minor: u32,
+        name: impl AsRef<[u8]>,
+        table: Option<Arc<Table>>,
+        suspended: bool,
+        read_only: bool,
+    ) {
         self.publish_with_stats(minor, name, table, suspended, read_only, None)
     }
 
@@ -258,7 +267,7 @@ impl DataPlane {
     pub fn publish_with_stats(
         &self,
         minor: u32,
-        name: &str,
+        name: impl AsRef<[u8]>,
         table: Option<Arc<Table>>,
         suspended: bool,
         read_only: bool,
@@ -271,7 +280,7 @@ impl DataPlane {
                     Arc::new(DeviceIo {
                         minor,
                         state: Mutex::new(GateState {
-                            name: String::new(),
+                            name: Vec::new(),
                             table: None,
                             suspended,
                             noflush: false,
@@ -298,6 +307,7 @@ impl DataPlane {
         if !same_stats {
             s.stats = stats;
         }
+        let name = name.as_ref();
         let same = s.name == name
             && s.suspended == suspended
             && s.read_only == read_only
@@ -309,7 +319,7 @@ impl DataPlane {
         if same {
             return;
         }
-        s.name = name.to_owned();
+        s.name = name.to_vec();
         if !table.as_ref().zip(s.table.as_ref()).is_some_and(|(a, b)| Arc::ptr_eq(a, b)) {
             s.nowait = table.as_ref().is_some_and(|t| t.targets().iter().all(|t| t.features.nowait));
             s.limits = table.as_ref().map(|t| self.limits_of(t)).unwrap_or_default();
@@ -429,7 +439,8 @@ impl DataPlane {
 
     /// Opens an active device by name for IO (an NBD export, a FUSE file): counts as an open of
     /// the block device until the handle is dropped.
-    pub fn open(&self, name: &str) -> Option<IoHandle> {
+    pub fn open(&self, name: impl AsRef<[u8]>) -> Option<IoHandle> {
+        let name = name.as_ref();
         let dev = self
             .inner
             .devices
@@ -445,9 +456,9 @@ impl DataPlane {
         Some(IoHandle { plane: self.clone(), dev, rmw: Arc::new(Mutex::new(())) })
     }
 
-    /// Active devices (those with a live table): name and size in bytes, by name.
-    pub fn active(&self) -> Vec<(String, u64)> {
-        let mut v: Vec<(String, u64)> = self.active_devices().into_iter().map(|d| (d.name, d.size)).collect();
+    /// Active devices (those with a live table): name bytes and size in bytes, by name.
+    pub fn active(&self) -> Vec<(Vec<u8>, u64)> {
+        let mut v: Vec<(Vec<u8>, u64)> = self.active_devices().into_iter().map(|d| (d.name, d.size)).collect();
         v.sort();
         v
     }
@@ -579,8 +590,9 @@ impl IoHandle {
     pub fn minor(&self) -> u32 {
         self.dev.minor
     }
+    /// The device's name for logs (non-UTF-8 bytes escaped).
     pub fn name(&self) -> String {
-        self.dev.state().name.clone()
+        crate::dm::Escaped(&self.dev.state().name).to_string()
     }
     /// Current size in bytes (follows resume/resize); 0 once the device is gone.
     pub fn size(&self) -> u64 {

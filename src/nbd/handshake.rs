@@ -218,9 +218,11 @@ impl Negotiation<'_> {
     /// NBD_OPT_EXPORT_NAME: no error reply exists for it, so an unknown export ends the session
     /// (proto.md "Option types").
     fn export_name(&self, data: &[u8]) -> io::Result<Step> {
-        let name = String::from_utf8_lossy(data).into_owned();
-        let Some(handle) = self.io.open(&name) else {
-            return Err(invalid(format!("NBD_OPT_EXPORT_NAME for unknown export {name:?}")));
+        // Export names are UTF-8 (proto.md); other bytes name no export, rather than being
+        // replaced and perhaps matching another device.
+        let Some((name, handle)) = std::str::from_utf8(data).ok().and_then(|n| Some((n, self.io.open(n)?))) else {
+            let name = crate::dm::Escaped(data);
+            return Err(invalid(format!("NBD_OPT_EXPORT_NAME for unknown export \"{name}\"")));
         };
         let size = handle.size();
         let flags = transmission_flags(handle.read_only(), self.structured, &handle.limits());
@@ -231,7 +233,7 @@ impl Negotiation<'_> {
             reply.extend_from_slice(&[0u8; 124]);
         }
         (&mut &*self.w).write_all(&reply)?;
-        let meta = self.meta_for(&name);
+        let meta = self.meta_for(name);
         Ok(Step::End(Some(Export { handle, size, flags, structured: self.structured, meta })))
     }
 
@@ -240,7 +242,8 @@ impl Negotiation<'_> {
             self.rep.error(OPT_LIST, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
             return Ok(Step::Next);
         }
-        for (name, _) in self.io.active() {
+        // Devices whose names are not UTF-8 cannot be exports (proto.md: names are UTF-8).
+        for name in self.io.active().into_iter().filter_map(|(n, _)| String::from_utf8(n).ok()) {
             let mut d = Vec::with_capacity(4 + name.len());
             d.extend_from_slice(&(name.len() as u32).to_be_bytes());
             d.extend_from_slice(name.as_bytes());
@@ -272,7 +275,7 @@ impl Negotiation<'_> {
             self.rep.error(opt, REP_ERR_INVALID, "malformed metadata context request")?;
             return Ok(Step::Next);
         };
-        if !self.io.active().iter().any(|(n, _)| *n == name) {
+        if !self.io.active().iter().any(|(n, _)| n == name.as_bytes()) {
             self.rep.error(opt, REP_ERR_UNKNOWN, &format!("no active device named {name:?}"))?;
             return Ok(Step::Next);
         }
@@ -300,7 +303,11 @@ impl Negotiation<'_> {
         let found = if opt == OPT_GO {
             self.io.open(&name).map(|h| (h.size(), h.read_only(), h.limits(), Some(h)))
         } else {
-            self.io.active_devices().into_iter().find(|d| d.name == name).map(|d| (d.size, d.read_only, d.limits, None))
+            self.io
+                .active_devices()
+                .into_iter()
+                .find(|d| d.name == name.as_bytes())
+                .map(|d| (d.size, d.read_only, d.limits, None))
         };
         let Some((size, read_only, limits, handle)) = found else {
             self.rep.error(opt, REP_ERR_UNKNOWN, &format!("no active device named {name:?}"))?;

@@ -13,14 +13,14 @@ use dmemu_frame::{self as frame, Kind};
 /// The lookups NetBSD's `dm_dev_lookup` makes, against the engine's devices.
 impl Devices for Engine {
     fn by_minor(&self, minor: u32) -> Option<Found> {
-        self.device(minor).map(|d| Found { dev: DevNum::new(self.config().major, d.minor), name: d.name.to_string() })
+        self.device(minor).map(|d| Found { dev: DevNum::new(self.config().major, d.minor), name: d.name.as_bytes().to_vec() })
     }
-    fn by_name(&self, name: &str) -> Option<Found> {
-        self.devices().find(|d| d.name.as_str() == name).and_then(|d| self.by_minor(d.minor))
+    fn by_name(&self, name: &[u8]) -> Option<Found> {
+        self.devices().find(|d| d.name.as_bytes() == name).and_then(|d| self.by_minor(d.minor))
     }
-    fn by_uuid(&self, uuid: &str) -> Option<Found> {
+    fn by_uuid(&self, uuid: &[u8]) -> Option<Found> {
         self.devices()
-            .find(|d| d.uuid.as_ref().is_some_and(|u| u.as_str() == uuid))
+            .find(|d| d.uuid.as_ref().is_some_and(|u| u.as_bytes() == uuid))
             .and_then(|d| self.by_minor(d.minor))
     }
 }

@@ -94,8 +94,8 @@ impl DeviceRecord {
     pub fn of(d: &Device) -> Self {
         DeviceRecord {
             minor: d.minor,
-            name: d.name.as_str().as_bytes().to_vec(),
-            uuid: d.uuid.as_ref().map(|u| u.as_str().as_bytes().to_vec()),
+            name: d.name.as_bytes().to_vec(),
+            uuid: d.uuid.as_ref().map(|u| u.as_bytes().to_vec()),
             event_nr: d.event_nr,
             suspended: d.suspended,
             bdev_read_only: d.bdev_read_only,

@@ -44,14 +44,14 @@ pub fn restore(engine: &mut Engine, records: Vec<DeviceRecord>, after_each: &mut
     let major = engine.config().major;
     let mut created = Vec::new();
     for r in records {
-        let name = match std::str::from_utf8(&r.name).map_err(|e| e.to_string()).and_then(|n| DmName::new(n).map_err(|e| e.to_string())) {
+        let name = match DmName::new(&r.name) {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!("state record of dm-{}: bad name: {e}", r.minor);
                 continue;
             }
         };
-        let uuid = match r.uuid.as_deref().map(|u| std::str::from_utf8(u).map_err(|e| e.to_string()).and_then(|u| DmUuid::new(u).map_err(|e| e.to_string()))).transpose() {
+        let uuid = match r.uuid.as_deref().map(DmUuid::new).transpose() {
             Ok(u) => u,
             Err(e) => {
                 tracing::error!("state record of dm-{}: bad uuid: {e}", r.minor);

@@ -13,8 +13,9 @@ use crate::dm::Engine;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct DevState {
-    name: String,
-    uuid: String,
+    /// Name and uuid bytes: `dm/name` and `dm/uuid` show them raw, as the kernel's sysfs does.
+    name: Vec<u8>,
+    uuid: Vec<u8>,
     size: u64,
     ro: bool,
     suspended: bool,
@@ -56,9 +57,9 @@ fn slaves_of(d: &Device) -> Vec<u32> {
     set.into_iter().collect()
 }
 
-fn write_atomic(path: &Path, content: &str) -> io::Result<()> {
+fn write_atomic(path: &Path, content: &(impl AsRef<[u8]> + ?Sized)) -> io::Result<()> {
     let tmp = path.with_extension("tmp~");
-    std::fs::write(&tmp, content)?;
+    std::fs::write(&tmp, content.as_ref())?;
     std::fs::rename(&tmp, path)
 }
 
@@ -134,8 +135,8 @@ impl Sysfs {
                 continue;
             };
             let state = DevState {
-                name: d.name.to_string(),
-                uuid: d.uuid.as_ref().map(|u| u.to_string()).unwrap_or_default(),
+                name: d.name.as_bytes().to_vec(),
+                uuid: d.uuid.as_ref().map(|u| u.as_bytes().to_vec()).unwrap_or_default(),
                 size: d.size().0,
                 ro: d.disk_read_only(),
                 suspended: d.suspended,
@@ -187,26 +188,26 @@ impl Sysfs {
             )?;
             replace_link(&target, &self.root.join(format!("class/block/dm-{minor}")))?;
         }
-        type Render = fn(&DevState) -> String;
+        type Render = fn(&DevState) -> Vec<u8>;
         type List = fn(&DevState) -> &Vec<u32>;
         let changed = |f: Render| old.as_ref().is_none_or(|o| f(o) != f(s));
         let files: [(&str, Render); 12] = [
-            ("size", |s| format!("{}\n", s.size)),
-            ("ro", |s| format!("{}\n", s.ro as u8)),
-            ("dm/name", |s| format!("{}\n", s.name)),
-            ("dm/uuid", |s| format!("{}\n", s.uuid)),
-            ("dm/suspended", |s| format!("{}\n", s.suspended as u8)),
-            ("queue/logical_block_size", |s| format!("{}\n", s.limits.logical_block_size)),
-            ("queue/hw_sector_size", |s| format!("{}\n", s.limits.logical_block_size)),
-            ("queue/physical_block_size", |s| format!("{}\n", s.limits.physical_block_size)),
-            ("queue/minimum_io_size", |s| format!("{}\n", s.limits.io_min)),
-            ("queue/optimal_io_size", |s| format!("{}\n", s.limits.io_opt)),
+            ("size", |s| format!("{}\n", s.size).into_bytes()),
+            ("ro", |s| format!("{}\n", s.ro as u8).into_bytes()),
+            ("dm/name", |s| [&s.name[..], b"\n"].concat()),
+            ("dm/uuid", |s| [&s.uuid[..], b"\n"].concat()),
+            ("dm/suspended", |s| format!("{}\n", s.suspended as u8).into_bytes()),
+            ("queue/logical_block_size", |s| format!("{}\n", s.limits.logical_block_size).into_bytes()),
+            ("queue/hw_sector_size", |s| format!("{}\n", s.limits.logical_block_size).into_bytes()),
+            ("queue/physical_block_size", |s| format!("{}\n", s.limits.physical_block_size).into_bytes()),
+            ("queue/minimum_io_size", |s| format!("{}\n", s.limits.io_min).into_bytes()),
+            ("queue/optimal_io_size", |s| format!("{}\n", s.limits.io_opt).into_bytes()),
             ("queue/discard_granularity", |s| {
-                format!("{}\n", if s.limits.discard { s.limits.logical_block_size } else { 0 })
+                format!("{}\n", if s.limits.discard { s.limits.logical_block_size } else { 0 }).into_bytes()
             }),
             // What one discard may cover: the NBD front end's largest request when supported.
             ("queue/discard_max_bytes", |s| {
-                format!("{}\n", if s.limits.discard { u32::MAX as u64 + 1 - 512 } else { 0 })
+                format!("{}\n", if s.limits.discard { u32::MAX as u64 + 1 - 512 } else { 0 }).into_bytes()
             }),
         ];
         for (file, render) in files {

@@ -5,6 +5,7 @@
 
 pub mod fuse;
 
+use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,24 @@ pub struct Out {
     pub stdout: String,
     pub stderr: String,
     pub code: i32,
+}
+
+/// The output of one client run, as bytes.
+pub struct RawOut {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub code: i32,
+}
+
+/// Shown with non-UTF-8 bytes escaped, so a failed assertion stays readable.
+impl std::fmt::Debug for RawOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawOut")
+            .field("stdout", &self.stdout.escape_ascii().to_string())
+            .field("stderr", &self.stderr.escape_ascii().to_string())
+            .field("code", &self.code)
+            .finish()
+    }
 }
 
 impl Out {
@@ -117,6 +136,22 @@ impl Daemon {
     /// Runs `dmsetup ARGS` with `input` on stdin.
     pub fn dmsetup_stdin(&self, args: &[&str], input: &str) -> Out {
         self.exec(DMSETUP, args, Some(input))
+    }
+
+    /// Runs `dmsetup ARGS` under `dmemu exec` with arguments that need not be UTF-8 (device
+    /// names are bytes), keeping its output as bytes.
+    pub fn dmsetup_os(&self, args: &[&OsStr]) -> RawOut {
+        let o = Command::new(bin())
+            .arg("exec")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--")
+            .arg(DMSETUP)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("spawn dmsetup {args:?}: {e}"));
+        RawOut { stdout: o.stdout, stderr: o.stderr, code: o.status.code().unwrap_or(-1) }
     }
 
     pub fn exec(&self, prog: &str, args: &[&str], input: Option<&str>) -> Out {

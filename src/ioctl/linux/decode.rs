@@ -167,31 +167,25 @@ fn command(cmd: DmCmd, h: &DmIoctl, params: Reader<'_>) -> Result<Command, Decod
     })
 }
 
-/// The key `__find_device_hash_cell` uses (§2.2): uuid, else name, else dev. Forbidden mixes and no
-/// key at all are "not found", and so is a key no device can have (names and uuids are UTF-8).
+/// The key `__find_device_hash_cell` uses (§2.2): uuid, else name, else dev, as raw bytes (the
+/// kernel `strcmp`s them). Forbidden mixes and no key at all are "not found".
 fn lookup_key(h: &DmIoctl) -> Result<DevKey, DmError> {
     let (name, uuid) = (field_str(&h.name), field_str(&h.uuid));
     if !uuid.is_empty() {
         if !name.is_empty() || h.dev != 0 {
             return Err(DmError::NoDevice("invalid ioctl structure: uuid with name or dev".into()));
         }
-        Ok(DevKey::Uuid(key_str(uuid)?))
+        Ok(DevKey::Uuid(uuid.to_vec()))
     } else if !name.is_empty() {
         if h.dev != 0 {
             return Err(DmError::NoDevice("invalid ioctl structure: name with dev".into()));
         }
-        Ok(DevKey::Name(key_str(name)?))
+        Ok(DevKey::Name(name.to_vec()))
     } else if h.dev != 0 {
         Ok(DevKey::Dev(DevNum::huge_decode(h.dev)))
     } else {
         Err(DmError::NoDevice("no name, uuid or dev given".into()))
     }
-}
-
-fn key_str(b: &[u8]) -> Result<String, DmError> {
-    std::str::from_utf8(b)
-        .map(str::to_owned)
-        .map_err(|_| DmError::NoDevice(format!("no device {:?}", b.escape_ascii().to_string())))
 }
 
 fn utf8<'a>(b: &'a [u8], what: &str) -> Result<&'a str, DmError> {
@@ -201,13 +195,9 @@ fn utf8<'a>(b: &'a [u8], what: &str) -> Result<&'a str, DmError> {
 
 /// A LIST_DEVICES filter. The kernel compares `strnlen(field)` bytes, so an unterminated field is
 /// a prefix one byte longer than any name (uuid) can be (validate_params leaves it unterminated for
-/// this command), and matches nothing. A non-UTF-8 prefix cannot match a UTF-8 name either; a
-/// string of NULs as long as the field says the same without a new Command field.
-fn list_prefix(field: &[u8]) -> String {
-    match std::str::from_utf8(field_str(field)) {
-        Ok(s) => s.to_owned(),
-        Err(_) => "\0".repeat(field.len()),
-    }
+/// this command), and matches nothing.
+fn list_prefix(field: &[u8]) -> Vec<u8> {
+    field_str(field).to_vec()
 }
 
 fn status_type(flags: DmFlags) -> StatusType {
@@ -221,12 +211,13 @@ fn status_type(flags: DmFlags) -> StatusType {
 }
 
 /// DM_DEV_CREATE (§2.4): `check_name` on the (already truncated) name, uuid if non-empty, the
-/// minor from `dev` with DM_PERSISTENT_DEV_FLAG (major bits ignored).
+/// minor from `dev` with DM_PERSISTENT_DEV_FLAG (major bits ignored). Both are bytes: any byte
+/// but `/` (name) and NUL (either) may appear.
 fn create(h: &DmIoctl) -> Result<Command, DmError> {
-    let name = DmName::new(utf8(field_str(&h.name), "device name")?)?;
+    let name = DmName::new(field_str(&h.name))?;
     let uuid = match field_str(&h.uuid) {
         [] => None,
-        u => Some(DmUuid::new(utf8(u, "uuid")?)?),
+        u => Some(DmUuid::new(u)?),
     };
     let minor = h.flags().contains(DmFlags::PERSISTENT_DEV).then(|| DevNum::huge_decode(h.dev).minor);
     Ok(Command::DevCreate { name, uuid, minor })
@@ -241,11 +232,8 @@ fn rename(h: &DmIoctl, params: Reader<'_>) -> Result<Command, DmError> {
     if new.is_empty() || new.len() > max {
         return Err(DmError::Invalid(format!("invalid new name or uuid length {}", new.len())));
     }
-    let new = utf8(new, "new name or uuid")?;
     let to = if change_uuid { RenameTo::Uuid(DmUuid::new(new)?) } else { RenameTo::Name(DmName::new(new)?) };
-    // The kernel checks "new name taken" (EBUSY) before "old name missing"; a non-UTF-8 old name
-    // is reported missing here already.
-    Ok(Command::DevRename { name: key_str(field_str(&h.name))?, to })
+    Ok(Command::DevRename { name: field_str(&h.name).to_vec(), to })
 }
 
 /// The string RENAME and SET_GEOMETRY carry at `data_start`: it must start at or after offset 305

@@ -173,15 +173,15 @@ fn status_fill(h: &mut DmIoctl, info: &DevInfo) {
 /// What the lookup writes back: `strscpy` of the real name and uuid (the rest of each field keeps
 /// the caller's bytes), an empty uuid when the device has none (§2.2).
 fn set_names(h: &mut DmIoctl, name: &DmName, uuid: Option<&DmUuid>) {
-    strscpy(&mut h.name, name.as_str());
+    strscpy(&mut h.name, name.as_bytes());
     match uuid {
-        Some(u) => strscpy(&mut h.uuid, u.as_str()),
+        Some(u) => strscpy(&mut h.uuid, u.as_bytes()),
         None => h.uuid[0] = 0,
     }
 }
 
 /// The kernel's `strscpy`: as much of `s` as fits with a NUL, nothing written after the NUL.
-fn strscpy(field: &mut [u8], s: &str) {
+fn strscpy<S: AsRef<[u8]> + ?Sized>(field: &mut [u8], s: &S) {
     let src = c_bytes(s);
     let n = src.len().min(field.len().saturating_sub(1));
     if let (Some(dst), Some(src)) = (field.get_mut(..n), src.get(..n)) {
@@ -192,9 +192,9 @@ fn strscpy(field: &mut [u8], s: &str) {
     }
 }
 
-/// A Rust string as the C string the kernel would hold: up to its first NUL.
-fn c_bytes(s: &str) -> &[u8] {
-    field_str(s.as_bytes())
+/// A string or bytes as the C string the kernel would hold: up to its first NUL.
+fn c_bytes<S: AsRef<[u8]> + ?Sized>(s: &S) -> &[u8] {
+    field_str(s.as_ref())
 }
 
 fn to_u32(n: usize) -> u32 {
@@ -232,7 +232,7 @@ fn list_devices(h: &mut DmIoctl, payload: &mut [u8], entries: &[NameEntry]) {
     let needed = entries
         .iter()
         .map(|e| {
-            align8(DM_NAME_LIST_NAME_OFFSET + c_bytes(e.name.as_str()).len() + 1)
+            align8(DM_NAME_LIST_NAME_OFFSET + c_bytes(e.name.as_bytes()).len() + 1)
                 + DM_NAME_LIST_TRAILER_SIZE
                 + uuid_of(e).map_or(0, |u| align8(u.len() + 1))
         })
@@ -248,7 +248,7 @@ fn list_devices(h: &mut DmIoctl, payload: &mut [u8], entries: &[NameEntry]) {
         if let Some(p) = prev {
             put(payload, p + offset_of!(DmNameList, next), &to_u32(off - p).to_ne_bytes());
         }
-        let name = c_bytes(e.name.as_str());
+        let name = c_bytes(e.name.as_bytes());
         put(payload, off, DmNameList { dev: e.dev.huge_encode(), next: 0 }.as_bytes());
         put_cstr(payload, off + DM_NAME_LIST_NAME_OFFSET, name);
         let trailer = align8(off + DM_NAME_LIST_NAME_OFFSET + name.len() + 1);
@@ -272,7 +272,7 @@ fn list_devices(h: &mut DmIoctl, payload: &mut [u8], entries: &[NameEntry]) {
 
 /// The uuid a name-list record carries: only when the caller asked for uuids.
 fn listed_uuid(e: &NameEntry, with_uuid: bool) -> Option<&[u8]> {
-    e.uuid.as_ref().filter(|_| with_uuid).map(|u| c_bytes(u.as_str()))
+    e.uuid.as_ref().filter(|_| with_uuid).map(|u| c_bytes(u.as_bytes()))
 }
 
 /// DM_TABLE_DEPS with a table (§2.4): `count`, the caller's padding word, then the devices.

@@ -4,10 +4,12 @@
 
 use proptest::prelude::*;
 
-use super::fixtures::{buf, header, info, sized, table, with_name, with_uuid};
+use super::fixtures::{buf, header, info, reply_header, set_field, sized, table, with_name, with_uuid};
 use super::{decode, encode, encode_error, Decoded, DecodedIoctl};
+use crate::dm::Command;
 use crate::dm::{DevInfo, DevNum, DmError, DmName, DmUuid, NameEntry, Reply, Sectors, TargetStatus, TargetVersion};
 use crate::ioctl::layout::{dm_ioctl_request, DmCmd, DmFlags};
+use crate::ioctl::reader::field_str;
 
 /// `{4, 0, 0}`, what libdm sends for most commands.
 const LIBDM_VERSION: [u8; 12] = [4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -37,12 +39,17 @@ fn seeds() -> Vec<(DmCmd, Vec<u8>)> {
     ]
 }
 
+/// Names are bytes: anything but NUL, mostly without `/` so that few are filtered out.
 fn name_strategy() -> impl Strategy<Value = DmName> {
-    "[a-z0-9_.-]{1,127}".prop_filter_map("check_name", |s| DmName::new(&s).ok())
+    prop_oneof!["[a-z0-9_.-]{1,127}".prop_map(String::into_bytes), proptest::collection::vec(1u8..=255, 1..=127),]
+        .prop_filter_map("check_name", |s| DmName::new(s).ok())
 }
 
 fn uuid_strategy() -> impl Strategy<Value = Option<DmUuid>> {
-    proptest::option::of("[A-Za-z0-9-]{1,128}".prop_map(|s| DmUuid::new(&s).unwrap()))
+    proptest::option::of(
+        prop_oneof!["[A-Za-z0-9-]{1,128}".prop_map(String::into_bytes), proptest::collection::vec(1u8..=255, 1..=128),]
+            .prop_map(|s| DmUuid::new(s).unwrap()),
+    )
 }
 
 fn text_strategy() -> impl Strategy<Value = String> {
@@ -156,6 +163,24 @@ proptest! {
             b.truncate(c.index(b.len() + 1));
         }
         check_decode(cmd.request(), &b, &reply);
+    }
+
+    /// Any name and uuid bytes the kernel takes come through DEV_CREATE's decode and a status
+    /// reply's header unchanged.
+    #[test]
+    fn names_and_uuids_round_trip_as_bytes(name in name_strategy(), uuid in uuid_strategy()) {
+        let mut h = header();
+        set_field(&mut h.name, name.as_bytes());
+        set_field(&mut h.uuid, uuid.as_ref().map_or(&[][..], |u| u.as_bytes()));
+        let d = super::fixtures::decoded(DmCmd::DevCreate, &buf(h, &[]));
+        let Command::DevCreate { name: n, uuid: u, .. } = &d.request.command else { panic!() };
+        prop_assert_eq!((n, u), (&name, &uuid));
+        let mut i = info("x", 0);
+        i.name = name.clone();
+        i.uuid = uuid.clone();
+        let out = reply_header(&encode(&Reply::Device(i), &d).bytes);
+        prop_assert_eq!(field_str(&out.name), name.as_bytes());
+        prop_assert_eq!(field_str(&out.uuid), uuid.as_ref().map_or(&[][..], |u| u.as_bytes()));
     }
 
     #[test]

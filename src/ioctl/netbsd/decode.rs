@@ -103,16 +103,16 @@ fn lookup(dict: &Dict, devices: &dyn Devices) -> Option<(DevKey, Found)> {
             return Some((DevKey::Dev(f.dev), f));
         }
     }
-    // Names and uuids are UTF-8 in the engine: other bytes cannot find a device.
-    let text = |k| get_str(dict, k).filter(|s| !s.is_empty()).and_then(|s| std::str::from_utf8(s).ok());
+    // Strings are bytes, as proplib keeps them (§5.2): names and uuids match byte for byte.
+    let text = |k| get_str(dict, k).filter(|s| !s.is_empty());
     if let Some(name) = text("name") {
         if let Some(f) = devices.by_name(name) {
-            return Some((DevKey::Name(name.to_owned()), f));
+            return Some((DevKey::Name(name.to_vec()), f));
         }
     }
     if let Some(uuid) = text("uuid") {
         if let Some(f) = devices.by_uuid(uuid) {
-            return Some((DevKey::Uuid(uuid.to_owned()), f));
+            return Some((DevKey::Uuid(uuid.to_vec()), f));
         }
     }
     None
@@ -132,15 +132,14 @@ fn handler(cmd: NbCmd, dict: &mut Dict, devices: &dyn Devices) -> Result<Option<
     let command = match cmd {
         NbCmd::Version => return Ok(None),
         NbCmd::Targets => Command::ListVersions,
-        NbCmd::Names => {
-            Command::ListDevices { name_prefix: String::new(), uuid_prefix: String::new(), with_uuid: false }
-        }
+        NbCmd::Names => Command::ListDevices { name_prefix: Vec::new(), uuid_prefix: Vec::new(), with_uuid: false },
         NbCmd::Create => {
             // NetBSD accepts any name; the engine keeps Linux's check_name (docs/protocols.md).
+            // Bytes pass as proplib carries them, UTF-8 or not (§5.2).
             let name = get_str(dict, "name").unwrap_or_default();
-            let name = DmName::new(utf8(name, "name")?).map_err(|e| invalid(e.to_string()))?;
+            let name = DmName::new(name).map_err(|e| invalid(e.to_string()))?;
             let uuid = match get_str(dict, "uuid").filter(|u| !u.is_empty()) {
-                Some(u) => Some(DmUuid::new(utf8(u, "uuid")?).map_err(|e| invalid(e.to_string()))?),
+                Some(u) => Some(DmUuid::new(u).map_err(|e| invalid(e.to_string()))?),
                 None => None,
             };
             // `minor` is never honoured on create: NetBSD always takes the next minor (§3.3).
@@ -165,7 +164,7 @@ fn handler(cmd: NbCmd, dict: &mut Dict, devices: &dyn Devices) -> Result<Option<
             if new.len() + 1 > DM_NAME_LEN {
                 return Err(invalid(format!("new name of {} bytes", new.len())));
             }
-            let to = RenameTo::Name(DmName::new(utf8(new, "new name")?).map_err(|e| invalid(e.to_string()))?);
+            let to = RenameTo::Name(DmName::new(new).map_err(|e| invalid(e.to_string()))?);
             // The engine renames by name (Linux's DM_DEV_RENAME); NetBSD may have found the
             // device by minor or uuid, so the found device's name is what is passed on.
             let (_, found) = find(dict)?;

@@ -87,7 +87,7 @@ fn open_count(i: &DevInfo) -> Value {
 
 fn uuid(i: &DevInfo) -> Value {
     // dm_dev.uuid is a char array: a device without one reports the empty string.
-    Value::str(i.uuid.as_ref().map_or("", |u| u.as_str()))
+    Value::String(i.uuid.as_ref().map_or(&[][..], |u| u.as_bytes()).to_vec())
 }
 
 /// What each handler writes on success (§3.4).
@@ -119,7 +119,7 @@ fn write_reply(cmd: NbCmd, d: &mut Dict, reply: &Reply) {
                 .map(|e| {
                     let mut ent = Dict::new();
                     ent.insert(key("dev"), Value::u(e.dev.minor));
-                    ent.insert(key("name"), Value::str(e.name.as_str()));
+                    ent.insert(key("name"), Value::String(e.name.as_bytes().to_vec()));
                     Value::Dict(ent)
                 })
                 .collect();
@@ -164,7 +164,7 @@ fn write_reply(cmd: NbCmd, d: &mut Dict, reply: &Reply) {
         }
         (NbCmd::Deps, Reply::Deps(i, devs)) => {
             set(d, "minor", Value::u(i.dev.minor));
-            set(d, "name", Value::str(i.name.as_str()));
+            set(d, "name", Value::String(i.name.as_bytes().to_vec()));
             set(d, "uuid", uuid(i));
             // NetBSD's dev_t encoding (makedev) equals Linux's "huge" one for 12-bit majors and
             // 20-bit minors.

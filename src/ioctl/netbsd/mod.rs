@@ -161,14 +161,15 @@ impl std::fmt::Display for NbCmd {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Found {
     pub dev: DevNum,
-    pub name: String,
+    /// Name bytes, without the NUL.
+    pub name: Vec<u8>,
 }
 
 /// The engine's view the decoder needs for NetBSD's fallback lookup (§3.3).
 pub trait Devices {
     fn by_minor(&self, minor: u32) -> Option<Found>;
-    fn by_name(&self, name: &str) -> Option<Found>;
-    fn by_uuid(&self, uuid: &str) -> Option<Found>;
+    fn by_name(&self, name: &[u8]) -> Option<Found>;
+    fn by_uuid(&self, uuid: &[u8]) -> Option<Found>;
 }
 
 /// A request that passed copy-in, the version check and the command lookup.

@@ -5,3 +5,4 @@
 mod equivalence;
 mod harness;
 mod snapshots;
+mod names;
