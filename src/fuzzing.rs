@@ -280,7 +280,7 @@ fn nbd_plane() -> DataPlane {
             .expect("load ro");
         run(&mut e, Command::DevResume { key, opts: SuspendOpts::default() }).expect("resume ro");
         for d in e.devices() {
-            plane.publish(d.minor, d.name.as_str(), d.live.clone(), d.suspended, d.disk_read_only());
+            plane.publish(d.minor, d.name.as_bytes(), d.live.clone(), d.suspended, d.disk_read_only());
         }
         (plane, Mutex::new(e))
     });

@@ -97,9 +97,7 @@ fn a_command_touches_only_the_devices_it_changes() {
         d.dmsetup(&["create", &format!("idle{i}"), "--table", "0 8 zero"]).ok();
     }
     let watched: Vec<std::path::PathBuf> = (0..50)
-        .flat_map(|m| {
-            [format!("state/dm-{m}"), format!("sys/devices/virtual/block/dm-{m}/size")]
-        })
+        .flat_map(|m| [format!("state/dm-{m}"), format!("sys/devices/virtual/block/dm-{m}/size")])
         .map(|p| d.path(&p))
         .collect();
     let stamp = |p: &std::path::Path| {

@@ -13,7 +13,15 @@ use common::Daemon;
 /// Everything `dmsetup` shows about the devices, for before/after comparison.
 fn picture(d: &Daemon) -> String {
     let info = d
-        .dmsetup(&["info", "-c", "--noheadings", "-o", "name,uuid,major,minor,attr,open,segments,events", "--sort", "name"])
+        .dmsetup(&[
+            "info",
+            "-c",
+            "--noheadings",
+            "-o",
+            "name,uuid,major,minor,attr,open,segments,events",
+            "--sort",
+            "name",
+        ])
         .ok()
         .to_owned();
     let table = d.dmsetup(&["table"]).ok().to_owned();

@@ -93,7 +93,10 @@ pub fn run(a: ServeArgs) -> Result {
             if let Some(d) = &fuse_dir {
                 dmemu::fuse::unmount(d);
             }
-            tracing::info!("{}: stopped; the state record keeps every device for the next start", server::signals::name(sig));
+            tracing::info!(
+                "{}: stopped; the state record keeps every device for the next start",
+                server::signals::name(sig)
+            );
         })?;
     }
     daemon.accept_loop(listener)?;

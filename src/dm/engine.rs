@@ -149,7 +149,14 @@ impl Engine {
 
     /// Puts back what a state record kept beside a device's tables (server/restore.rs): its
     /// event counter, `BLKROSET` flag, deferred removal mark and read-ahead.
-    pub fn restore_marks(&mut self, minor: u32, event_nr: u32, bdev_read_only: bool, deferred: bool, read_ahead_kb: u32) {
+    pub fn restore_marks(
+        &mut self,
+        minor: u32,
+        event_nr: u32,
+        bdev_read_only: bool,
+        deferred: bool,
+        read_ahead_kb: u32,
+    ) {
         let Some(d) = self.devices.get_mut(&minor) else { return };
         d.event_nr = event_nr;
         d.bdev_read_only = bdev_read_only;

@@ -267,8 +267,11 @@ pub fn start(io: DataPlane, listeners: &[Listen], tuning: Tuning) -> io::Result<
     }
     // SAFETY: both fds are new and ours.
     let (wake_rd, wake) = unsafe { (Arc::new(OwnedFd::from_raw_fd(fds[0])), OwnedFd::from_raw_fd(fds[1])) };
-    let shared =
-        Arc::new(Shared { stopping: AtomicBool::new(false), conns: Mutex::new((HashMap::new(), 0)), left: Condvar::new() });
+    let shared = Arc::new(Shared {
+        stopping: AtomicBool::new(false),
+        conns: Mutex::new((HashMap::new(), 0)),
+        left: Condvar::new(),
+    });
     let mut bound: Vec<(OwnedFd, Listen)> = Vec::new();
     let mut files = Vec::new();
     for l in listeners {
@@ -304,7 +307,15 @@ pub fn start(io: DataPlane, listeners: &[Listen], tuning: Tuning) -> io::Result<
 
 /// Accepts connections until the server stops, backing off when `accept` fails (out of
 /// descriptors: the pending connection stays readable and would fail again at once).
-fn accept_loop(io: &DataPlane, shared: &Arc<Shared>, lst: OwnedFd, tcp: bool, wake: RawFd, what: String, tuning: Tuning) {
+fn accept_loop(
+    io: &DataPlane,
+    shared: &Arc<Shared>,
+    lst: OwnedFd,
+    tcp: bool,
+    wake: RawFd,
+    what: String,
+    tuning: Tuning,
+) {
     // Nonblocking: readiness comes from poll, which also watches for the shutdown.
     // SAFETY: a valid fd.
     unsafe { libc::fcntl(lst.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
@@ -324,9 +335,8 @@ fn accept_loop(io: &DataPlane, shared: &Arc<Shared>, lst: OwnedFd, tcp: bool, wa
         }
         wait = -1;
         // SAFETY: a valid listening fd; no address wanted.
-        let fd = unsafe {
-            libc::accept4(lst.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
-        };
+        let fd =
+            unsafe { libc::accept4(lst.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
         if fd < 0 {
             let e = io::Error::last_os_error();
             let d = backoff.failed(&e);
@@ -382,13 +392,11 @@ fn spawn_connection(io: DataPlane, shared: &Arc<Shared>, fd: OwnedFd, tuning: Tu
         );
     }
     let client = Client { reg, sock: File::from(fd) };
-    let r = std::thread::Builder::new()
-        .name("nbd-conn".into())
-        .spawn(move || {
-            // The whole struct, not its fields one by one (closures capture fields otherwise).
-            let c = client;
-            connection(&io, &c.sock, &c.reg.shared.stopping, tuning)
-        });
+    let r = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
+        // The whole struct, not its fields one by one (closures capture fields otherwise).
+        let c = client;
+        connection(&io, &c.sock, &c.reg.shared.stopping, tuning)
+    });
     if let Err(e) = r {
         tracing::warn!("nbd: cannot start a connection thread: {e}");
     }

@@ -3,8 +3,8 @@
 
 mod plist;
 pub mod record;
-mod restore;
 pub mod resolver;
+mod restore;
 pub mod signals;
 pub mod sysfs;
 
@@ -62,7 +62,14 @@ fn sync(engine: &mut Engine, sysfs: &mut sysfs::Sysfs, record: &record::StateRec
         // brings its effect back (docs/reliability.md).
         let recorded = match engine.device(m) {
             Some(d) => {
-                io.publish_with_stats(m, d.name.as_bytes(), d.live.clone(), d.suspended, d.disk_read_only(), d.stats.set());
+                io.publish_with_stats(
+                    m,
+                    d.name.as_bytes(),
+                    d.live.clone(),
+                    d.suspended,
+                    d.disk_read_only(),
+                    d.stats.set(),
+                );
                 record.write_device(d)
             }
             None => {

@@ -13,7 +13,8 @@ use dmemu_frame::{self as frame, Kind};
 /// The lookups NetBSD's `dm_dev_lookup` makes, against the engine's devices.
 impl Devices for Engine {
     fn by_minor(&self, minor: u32) -> Option<Found> {
-        self.device(minor).map(|d| Found { dev: DevNum::new(self.config().major, d.minor), name: d.name.as_bytes().to_vec() })
+        self.device(minor)
+            .map(|d| Found { dev: DevNum::new(self.config().major, d.minor), name: d.name.as_bytes().to_vec() })
     }
     fn by_name(&self, name: &[u8]) -> Option<Found> {
         self.devices().find(|d| d.name.as_bytes() == name).and_then(|d| self.by_minor(d.minor))

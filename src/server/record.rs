@@ -17,11 +17,11 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::dm::StatusType;
 use crate::dm::device::Device;
 use crate::dm::pdev::FileNumber;
 use crate::dm::table::Table;
 use crate::dm::Geometry;
+use crate::dm::StatusType;
 
 const MAGIC: &str = "dmemu-state 1";
 
@@ -194,7 +194,8 @@ impl DeviceRecord {
                 "live" | "inactive" => {
                     finish(&mut r, slot.take())?;
                     let (ro, n) = rest.split_once(' ')?;
-                    slot = Some((key == "live", n.parse().ok()?, TableRecord { read_only: flag(ro)?, lines: Vec::new() }));
+                    slot =
+                        Some((key == "live", n.parse().ok()?, TableRecord { read_only: flag(ro)?, lines: Vec::new() }));
                 }
                 "target" => {
                     let mut f = rest.splitn(4, ' ');
@@ -283,7 +284,9 @@ impl StateRecord {
                     by_minor.insert(n.minor, n);
                 }
                 // A line cut short by a death mid-append: its table load was never answered.
-                None => tracing::warn!("state record: skipping unreadable line {line:?} in {}", self.files_path().display()),
+                None => {
+                    tracing::warn!("state record: skipping unreadable line {line:?} in {}", self.files_path().display())
+                }
             }
         }
         let numbers: Vec<FileNumber> = by_minor.into_values().collect();
@@ -306,7 +309,9 @@ impl StateRecord {
             };
             match std::fs::read_to_string(e.path()).ok().as_deref().and_then(DeviceRecord::decode) {
                 Some(r) if r.minor == minor => out.push(r),
-                _ => tracing::error!("state record {} is unreadable: device dm-{minor} not restored", e.path().display()),
+                _ => {
+                    tracing::error!("state record {} is unreadable: device dm-{minor} not restored", e.path().display())
+                }
             }
         }
         out.sort_by_key(|r| r.minor);

@@ -6,9 +6,9 @@ use std::io;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
+use crate::dm::device::Device;
 use crate::dm::pdev::PdevKind;
 use crate::dm::target::Limits;
-use crate::dm::device::Device;
 use crate::dm::Engine;
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -4,5 +4,5 @@
 
 mod equivalence;
 mod harness;
-mod snapshots;
 mod names;
+mod snapshots;
