@@ -261,18 +261,7 @@ impl Nbd {
 // ---------------------------------------------------------------------------------------------
 // Helpers.
 
-/// Deterministic bytes (xorshift), different per seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use common::pattern;
 
 fn read_at(path: &str, offset: u64, len: usize) -> Vec<u8> {
     let f = std::fs::File::open(path).unwrap();

@@ -78,18 +78,7 @@ fn reply_header(s: &mut UnixStream) -> (u32, u64) {
     (be32(&h[4..]), be64(&h[8..]))
 }
 
-/// Deterministic bytes (xorshift), different per seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use common::pattern;
 
 /// A field of /proc/<pid>/status in KiB (VmRSS, …).
 fn status_kib(pid: u32, key: &str) -> u64 {

@@ -244,6 +244,19 @@ pub fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes(b[..4].try_into().unwrap())
 }
 
+/// Deterministic bytes (xorshift), different per seed.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Lowers a process's open-file limit to `limit` descriptors.
 pub fn limit_fds(pid: u32, limit: u64) {
     let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
