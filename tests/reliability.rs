@@ -112,4 +112,6 @@ fn a_command_touches_only_the_devices_it_changes() {
     d.dmsetup(&["remove", "busier"]).ok();
     let after: Vec<_> = watched.iter().map(|p| stamp(p)).collect();
     assert_eq!(before, after);
+    // A fresh run directory is no error either (no state record yet).
+    assert!(!d.log().contains(" ERROR "), "{}", d.log());
 }

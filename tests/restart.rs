@@ -54,6 +54,7 @@ fn kill_9_restores_devices_tables_and_flags() {
     let after = picture(&d);
     assert_eq!(before, after);
     assert!(d.log().contains("restored 6 of 6 device(s)"), "{}", d.log());
+    assert!(!d.log().contains(" ERROR "), "{}", d.log());
     // The restored devices work as before: remove them top-down, then nothing is left.
     for n in ["top", "dly", "lin", "z", "pending", "empty"] {
         if n == "z" {

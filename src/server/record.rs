@@ -290,6 +290,9 @@ impl StateRecord {
             }
         }
         let numbers: Vec<FileNumber> = by_minor.into_values().collect();
+        if text.is_empty() {
+            return numbers;
+        }
         let compact = std::fs::remove_file(self.files_path()).and_then(|()| self.append_files(&numbers));
         if let Err(e) = compact {
             tracing::error!("state record: rewriting {}: {e}", self.files_path().display());
