@@ -65,6 +65,10 @@ pub fn run(a: ServeArgs) -> Result {
         netbsd_errors: a.netbsd_errors,
         fuse_dir: fuse_dir.clone(),
     };
+    // Bound first: a second daemon on a live one's socket stops here, before it touches the run
+    // directory (sysfs tree, state record). Clients that connect meanwhile wait in the backlog
+    // until the devices are restored and the accept loop runs.
+    let listener = server::bind_control(&socket)?;
     let engine = Engine::new(cfg.engine, dmemu::targets::registry(), Box::new(FsResolver));
     let daemon = Daemon::new(&cfg, engine)?;
     tracing::info!("block major {major}, file pseudo-major {file_major}, run dir {}", cfg.run_dir.display());
@@ -80,7 +84,6 @@ pub fn run(a: ServeArgs) -> Result {
     };
     let nbd = dmemu::nbd::listeners(&a.nbd, &cfg.run_dir)?;
     let nbd = dmemu::nbd::start(daemon.io().clone(), &nbd, dmemu::nbd::Tuning::default())?;
-    let listener = server::bind_control(&socket)?;
     {
         // What an exit signal does (docs/reliability.md, "Stopping"): no new control clients,
         // NBD requests already read answered (so every acknowledged write is on its file), the

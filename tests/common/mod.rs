@@ -102,8 +102,10 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("start dmemu serve");
+        // Answered, not just bound: the socket is bound before the devices are restored and the
+        // NBD listeners start, and HELLO is answered only once all of that is done.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(socket).is_err() {
+        while dmemu::client::daemon::hello(socket).is_none() {
             assert!(Instant::now() < deadline, "daemon did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
