@@ -115,3 +115,18 @@ fn a_command_touches_only_the_devices_it_changes() {
     // A fresh run directory is no error either (no state record yet).
     assert!(!d.log().contains(" ERROR "), "{}", d.log());
 }
+
+/// A second daemon started on a live one's socket and run directory refuses to start and leaves
+/// the first one's sysfs tree and state record alone.
+#[test]
+fn a_second_daemon_on_a_live_socket_leaves_the_run_dir_alone() {
+    let d = Daemon::start();
+    d.dmsetup(&["create", "mine", "--table", "0 8 zero"]).ok();
+    let o =
+        Command::new(bin()).args(["serve", "--socket"]).arg(&d.socket).arg("--run-dir").arg(&d.dir).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already serves"), "{o:?}");
+    assert_eq!(std::fs::read_to_string(d.path("sys/devices/virtual/block/dm-0/dm/name")).unwrap(), "mine\n");
+    assert!(d.path("state/dm-0").exists());
+    assert_eq!(d.dmsetup(&["table", "mine"]).ok(), "0 8 zero \n");
+}
