@@ -140,9 +140,10 @@ impl Engine {
     /// A front end opened (`+1`) or closed (`-1`) a device's block device. Closing the last
     /// opener completes a deferred removal.
     pub fn adjust_opens(&mut self, minor: u32, delta: i32) {
+        // Open counts show nowhere a republish would reach (sysfs, the data plane, the state
+        // record), so this marks nothing changed; a removal it completes marks its own.
         if let Some(d) = self.devices.get_mut(&minor) {
             d.opens = (d.opens + delta).max(0);
-            self.changed.insert(minor);
         }
         self.reap_deferred();
     }
