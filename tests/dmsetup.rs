@@ -6,9 +6,9 @@
 
 mod common;
 
-use common::{bin, Daemon, Out, DMSETUP};
+use common::{Daemon, Out, DMSETUP};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 const EBUSY: &str = "Device or resource busy";
@@ -132,12 +132,7 @@ fn stack(d: &Daemon) {
 
 /// Starts `dmsetup ARGS` without waiting for it.
 fn spawn_dmsetup(d: &Daemon, args: &[&str]) -> Child {
-    Command::new(bin())
-        .arg("exec")
-        .arg("--socket")
-        .arg(&d.socket)
-        .arg("--")
-        .arg(DMSETUP)
+    d.exec_command(DMSETUP)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -143,12 +143,8 @@ impl Daemon {
     /// Runs `dmsetup ARGS` under `dmemu exec` with arguments that need not be UTF-8 (device
     /// names are bytes), keeping its output as bytes.
     pub fn dmsetup_os(&self, args: &[&OsStr]) -> RawOut {
-        let o = Command::new(bin())
-            .arg("exec")
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--")
-            .arg(DMSETUP)
+        let o = self
+            .exec_command(DMSETUP)
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -157,9 +153,16 @@ impl Daemon {
     }
 
     pub fn exec(&self, prog: &str, args: &[&str], input: Option<&str>) -> Out {
-        let mut c = Command::new(bin());
-        c.arg("exec").arg("--socket").arg(&self.socket).arg("--").arg(prog).args(args);
+        let mut c = self.exec_command(prog);
+        c.args(args);
         run_with_input(c, input)
+    }
+
+    /// `dmemu exec --socket SOCKET -- PROG`, for the caller to add arguments and run.
+    pub fn exec_command(&self, prog: &str) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("exec").arg("--socket").arg(&self.socket).arg("--").arg(prog);
+        c
     }
 
     /// A backing file of `sectors` 512-byte sectors.
