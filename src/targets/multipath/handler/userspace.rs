@@ -15,7 +15,7 @@ pub mod wire;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-pub use hub::{Answer, Hub, Outbound, Refusal, SessionId, Sink};
+pub use hub::{Answer, Hub, Refusal, SessionId, Sink};
 
 use super::{ErrDone, ErrRequest, HandlerCtx, HwHandler, PathRef, PgInitDone};
 use crate::dm::DmResult;

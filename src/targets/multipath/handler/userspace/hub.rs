@@ -15,7 +15,9 @@
 //!   registration goes (`released <name> removed`).
 //!
 //! Every request's completion is called exactly once, and never with the hub's lock held; nothing
-//! here blocks on a program (lines go out through each session's [`Sink`], which only queues).
+//! here blocks on a program (lines go out through each session's [`Sink`], which only queues). A
+//! session gets every request line it was chosen for, even one that ends before the line is
+//! written, and then that request's `cancel` after it: a program always learns of both.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,22 +32,12 @@ use crate::targets::multipath::handler::{
 /// A handler program's session (one connection that sent an `HWH` frame).
 pub type SessionId = u64;
 
-/// Where a session's lines go. Must not block (the daemon queues them for the connection's writer).
-pub type Sink = Arc<dyn Fn(Outbound) + Send + Sync>;
+/// Where a session's lines go, in order. Must not block (the daemon queues them for the
+/// connection's writer).
+pub type Sink = Arc<dyn Fn(String) + Send + Sync>;
 
-/// One line to a session.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Outbound {
-    /// The request a `pg_init`/`err` line asks about: the writer skips it if that request has ended
-    /// before the line could be sent ([`Hub::is_pending`]).
-    pub request: Option<u64>,
-    pub line: String,
-}
-
-impl Outbound {
-    pub fn message(m: &Message) -> Self {
-        Self { request: m.request_id(), line: m.to_string() }
-    }
+fn line(m: &Message) -> String {
+    m.to_string()
 }
 
 /// A program's answer to a request.
@@ -205,9 +197,9 @@ impl Hub {
         let reg = Registration { session, timeout, name: name.to_vec() };
         let before = st.registered.insert(minor, reg).map(|r| r.session).filter(|&s| s != session);
         // Queued under the lock, so no request of the device is queued before it.
-        sink(Outbound::message(&Message::Ok { minor: Some(minor) }));
+        sink(line(&Message::Ok { minor: Some(minor) }));
         if let Some(sink) = before.and_then(|s| st.sessions.get(&s).cloned()) {
-            sink(Outbound::message(&Message::Released { name: name.to_vec(), reason: "replaced".into() }));
+            sink(line(&Message::Released { name: name.to_vec(), reason: "replaced".into() }));
         }
         Ok(())
     }
@@ -241,7 +233,7 @@ impl Hub {
             None => {
                 let Some(r) = st.registered.remove(&minor) else { return };
                 if let Some(sink) = st.sessions.get(&r.session) {
-                    sink(Outbound::message(&Message::Released { name: r.name, reason: "removed".into() }));
+                    sink(line(&Message::Released { name: r.name, reason: "removed".into() }));
                 }
             }
         }
@@ -318,7 +310,7 @@ impl Hub {
         };
         st.pending.insert(id, Pending { session, handler, waiter, timer: None });
         // Queued under the lock: a session's lines leave in the order the hub decided them.
-        sink(Outbound::message(&msg));
+        sink(line(&msg));
         drop(st);
         let Some(t) = timeout else { return };
         let hub = self.clone();
@@ -338,7 +330,7 @@ impl Hub {
         let mut st = self.lock();
         let Some(p) = st.pending.remove(&id) else { return };
         if let Some(sink) = st.sessions.get(&p.session) {
-            sink(Outbound::message(&Message::Cancel { id, reason: "timeout".into() }));
+            sink(line(&Message::Cancel { id, reason: "timeout".into() }));
         }
         drop(st);
         tracing::info!("hardware handler request {id} timed out");
@@ -353,7 +345,7 @@ impl Hub {
         for id in ids {
             let p = st.pending.remove(&id).expect("listed above");
             if let Some(sink) = st.sessions.get(&p.session) {
-                sink(Outbound::message(&Message::Cancel { id, reason: "dropped".into() }));
+                sink(line(&Message::Cancel { id, reason: "dropped".into() }));
             }
             ended.push(p);
         }
