@@ -499,7 +499,12 @@ mod tests {
     fn requeuer_ctor(_: &mut CtorCtx<'_, '_>, _: &[String]) -> DmResult<Box<dyn Target>> {
         Ok(Box::new(Requeuer { requeue: FLAG.get_or_init(Default::default).clone() }))
     }
-    static REQUEUER: TargetType = TargetType { name: "requeuer", version: [1, 0, 0], ctor: requeuer_ctor, flags: crate::dm::target::TypeFlags::empty() };
+    static REQUEUER: TargetType = TargetType {
+        name: "requeuer",
+        version: [1, 0, 0],
+        ctor: requeuer_ctor,
+        flags: crate::dm::target::TypeFlags::empty(),
+    };
 
     struct NoFiles;
     impl crate::dm::pdev::DeviceResolver for NoFiles {

@@ -293,10 +293,7 @@ fn parse_group(ctx: &mut CtorCtx<'_, '_>, a: &mut Args<'_>) -> DmResult<Group> {
     let ps_argc = a.read_group(0, 1024, "invalid number of path selector args")? as usize;
     let ps_args = a.take(ps_argc);
     let mut sel = selector::create(&name, ps_args)
-        .map_err(|e| {
-            tracing::info!("multipath: path selector constructor failed: {e}");
-            e
-        })?
+        .inspect_err(|e| tracing::info!("multipath: path selector constructor failed: {e}"))?
         .ok_or_else(|| invalid!("unknown path selector type"))?;
 
     let nr_paths = a.read(1, 1024, "invalid number of paths")? as usize;
@@ -670,7 +667,6 @@ fn is_path_error(e: IoError) -> bool {
     !matches!(e, IoError::WouldBlock | IoError::Requeue)
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // The target interface.
 // ---------------------------------------------------------------------------------------------
@@ -755,7 +751,8 @@ impl Multipath {
     /// IMA form (linux-dm-abi.md §4.3): `key=value` pairs, `;` at the end.
     fn status_ima(&self, st: &State) -> String {
         let [a, b, c] = TYPE.version;
-        let mut out = format!("target_name=multipath,target_version={a}.{b}.{c},nr_priority_groups={}", st.groups.len());
+        let mut out =
+            format!("target_name=multipath,target_version={a}.{b}.{c},nr_priority_groups={}", st.groups.len());
         for (gi, g) in st.groups.iter().enumerate() {
             let state = if g.bypassed {
                 'D'
@@ -865,9 +862,8 @@ impl Target for Multipath {
             }
             "fail_path" | "reinstate_path" => {
                 drop(st);
-                let dev = lookup(&argv[1]).map_err(|e| {
+                let dev = lookup(&argv[1]).inspect_err(|_| {
                     tracing::warn!("multipath: message: error getting device {}", argv[1]);
-                    e
                 })?;
                 let mut st = sh.lock();
                 let matching: Vec<PathAt> = st
@@ -964,8 +960,13 @@ impl Target for Multipath {
                     let st = sh.lock();
                     PathRef { dev: st.groups[io.at.0].paths[io.at.1].dev.dev, group: io.at.0 as u32 + 1 }
                 };
-                let req =
-                    ErrRequest { path, op: bio.op(), sector: bio.sector().0, sectors: bio.sectors().0, errno: err.errno() };
+                let req = ErrRequest {
+                    path,
+                    op: bio.op(),
+                    sector: bio.sector().0,
+                    sectors: bio.sectors().0,
+                    errno: err.errno(),
+                };
                 if h.decides_inline() || bio.flags().contains(BioFlags::NOWAIT) {
                     let answer = Arc::new(Mutex::new(None));
                     let slot = answer.clone();
