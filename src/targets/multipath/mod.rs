@@ -459,8 +459,18 @@ impl Shared {
         };
         match (&self.config.handler, active) {
             (Some(h), true) => {
-                let me = self.clone();
-                h.pg_init(path, bypassed, Box::new(move |outcome| me.pg_init_done(at, outcome)));
+                // Weak: a table dropped while its handler still works on an activation goes away
+                // (the handler then completes the request into nothing).
+                let me = Arc::downgrade(self);
+                h.pg_init(
+                    path,
+                    bypassed,
+                    Box::new(move |outcome| {
+                        if let Some(me) = me.upgrade() {
+                            me.pg_init_done(at, outcome)
+                        }
+                    }),
+                );
             }
             // A path that failed meanwhile is offline (`SCSI_DH_DEV_OFFLINED`).
             _ => self.pg_init_done(at, PgInitOutcome::Done(MpFlags::FAIL_PATH)),
