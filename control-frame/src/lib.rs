@@ -33,27 +33,33 @@ pub enum Kind {
     Genl = 5,
     /// `BLKROSET` on a device's block node (the shim's): minor and value, two u32.
     BlkRoSet = 6,
+    /// A device-mapper-type ioctl (`_IOC_TYPE` 0xfd, e.g. `DM_MPATH_PROBE_PATHS`) on a device's
+    /// block node (the shim's): minor and request number, two u32.
+    DmBlkIoctl = 8,
     IoctlReply = 0x81,
     PlistReply = 0x82,
     HelloReply = 0x83,
     GenlReply = 0x85,
     BlkRoSetReply = 0x86,
+    DmBlkIoctlReply = 0x88,
     Event = 0x90,
 }
 
 impl Kind {
-    const ALL: [Kind; 12] = [
+    const ALL: [Kind; 14] = [
         Kind::Ioctl,
         Kind::Plist,
         Kind::Hello,
         Kind::Cancel,
         Kind::Genl,
         Kind::BlkRoSet,
+        Kind::DmBlkIoctl,
         Kind::IoctlReply,
         Kind::PlistReply,
         Kind::HelloReply,
         Kind::GenlReply,
         Kind::BlkRoSetReply,
+        Kind::DmBlkIoctlReply,
         Kind::Event,
     ];
 
@@ -68,7 +74,7 @@ impl Kind {
             Kind::Plist => Some(MAX_PLIST_PAYLOAD),
             Kind::Genl => Some(MAX_GENL_PAYLOAD),
             Kind::Hello | Kind::Cancel => Some(0),
-            Kind::BlkRoSet => Some(8),
+            Kind::BlkRoSet | Kind::DmBlkIoctl => Some(8),
             _ => None,
         }
     }
@@ -224,7 +230,8 @@ pub fn write_frame(w: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> io::Resul
     w.write_all(&out)
 }
 
-/// The status that starts `IOCTL_REPLY`, `PLIST_REPLY` and `BLKROSET_REPLY` payloads.
+/// The status that starts `IOCTL_REPLY`, `PLIST_REPLY`, `BLKROSET_REPLY` and `DM_BLK_IOCTL_REPLY`
+/// payloads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Status {
     /// The return value the caller's `ioctl` gives.
