@@ -99,3 +99,42 @@ fn dm_blk_ioctl_frames_with_a_bad_payload_device_or_type_get_errnos() {
     assert_eq!(bad.read_to_end(&mut rest).map(|_| rest.len()).unwrap_or(0), 0);
     d.dmsetup(&["info", "z"]).ok();
 }
+
+/// Builds tests/c/udev_lookup.c into the daemon's directory.
+fn build_udev_lookup(d: &Daemon) -> String {
+    let out = d.path("udev_lookup").to_string_lossy().into_owned();
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/udev_lookup.c");
+    let st = Command::new("cc").args(["-O1", "-Wall", "-Werror", "-o", &out, src, "-ldl"]).status().expect("cc");
+    assert!(st.success());
+    out
+}
+
+#[test]
+fn libudev_finds_dm_devices_by_number_through_the_shim() {
+    let d = Daemon::start();
+    let major = d.major();
+    let f = d.file("a.img", 64);
+    d.dmsetup(&["create", "a", "--table", &format!("0 64 linear {f} 0")]).ok();
+    d.dmsetup(&["create", "b", "-r", "--table", "0 8 zero"]).ok();
+    let prog = build_udev_lookup(&d);
+    let look = |minor: &str| d.exec(&prog, &[&major.to_string(), minor, "size", "dm/name", "ro", "dev"], None);
+    // libudev walks /sys/dev/block/<major>:<minor> one component at a time from a directory fd,
+    // needs a uevent file and a subsystem link, and takes the result only if it is on sysfs.
+    assert_eq!(
+        look("0").ok(),
+        format!(
+            "syspath=/sys/devices/virtual/block/dm-0\nsysname=dm-0\ndevnode=/dev/dm-0\nsubsystem=block\ndevtype=disk\n\
+             size=64\ndm/name=a\nro=0\ndev={major}:0\nparent=(none)\n"
+        )
+    );
+    assert!(look("1").ok().contains("sysname=dm-1\n"));
+    assert!(look("1").ok().contains("dm/name=b\nro=1\n"));
+    // No such device; and a regular file's pseudo number has no sysfs entry.
+    assert_eq!(look("7").stdout, "no device\n");
+    let file_major = d.hello("file_major");
+    let o = d.exec(&prog, &[&file_major, "0"], None);
+    assert_eq!(o.stdout, "no device\n");
+    // Without the shim the real sysfs answers (no dmemu device there).
+    let o = d.run(&prog, &[&major.to_string(), "0"]);
+    assert_ne!(o.stdout, look("0").stdout);
+}
