@@ -32,6 +32,8 @@ pub struct Device {
     /// The first table load sets the queue up; until then range checks happen at load, afterwards
     /// at resume (linux-dm-abi.md §2.5).
     pub queue_initialized: bool,
+    /// Request-based (true) or bio-based, fixed by the first table loaded (`md->type`).
+    pub request_based: Option<bool>,
     pub read_ahead_kb: u32,
     /// `@stats_*` regions.
     pub stats: Stats,
@@ -60,6 +62,7 @@ impl Device {
             geometry: None,
             deferred_remove: false,
             queue_initialized: false,
+            request_based: None,
             read_ahead_kb: 128,
             stats: Stats::default(),
             presuspended: false,

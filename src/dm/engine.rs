@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::command::*;
 use super::device::Device;
 use super::error::{DmError, DmResult};
-use super::pdev::{DeviceResolver, Pdev, PdevKind, PdevRegistry};
+use super::pdev::{DeviceResolver, Identity, Pdev, PdevKind, PdevRegistry};
 use super::table::Table;
 use super::target::{split_args, BuildEnv, Target, TargetRegistry};
 use super::types::*;
@@ -613,11 +613,25 @@ impl Engine {
         };
         let table = Table::build(specs, read_only, &self.targets, &mut env)?;
         self.refuse_loops(&table, m)?;
+        // table_load's type checks (linux-dm-abi.md §2.5): an immutable live target type is
+        // replaced only by itself (or by error targets), and a device keeps its first type.
+        let d = &self.devices[&m];
+        if let Some(im) = d.live.as_ref().and_then(|t| t.immutable_type()) {
+            if table.immutable_type() != Some(im) && !table.all_hybrid() {
+                return Err(invalid!("can't replace immutable target type {im}"));
+            }
+        }
+        let rq = table.request_based().or(d.request_based).unwrap_or(false);
+        if d.request_based.is_some_and(|cur| cur != rq) {
+            return Err(invalid!("can't change device type after initial table load"));
+        }
         let first = !self.devices[&m].queue_initialized;
         if first {
             table.validate_areas(&|p| self.size_of(p))?;
         }
-        self.devices.get_mut(&m).expect("found").queue_initialized = true;
+        let d = self.devices.get_mut(&m).expect("found");
+        d.queue_initialized = true;
+        d.request_based = Some(rq);
         self.set_inactive(m, Some(table));
         Ok(())
     }
@@ -636,10 +650,39 @@ impl Engine {
             return Ok(Reply::MessageNoTable);
         };
         let t = live.find(sector).ok_or_else(|| invalid!("message sector {sector} beyond device"))?;
-        let out = t.target.message(&argv)?;
-        // A message that changes a target's state (a multipath path failing, say) raises a table
-        // event in the kernel; no target here does so yet, so the event number stays.
+        let lookup = |name: &str| self.device_number_of(name);
+        let out = t.target.message_with_devices(&argv, &lookup)?;
+        // A message that changes a target's state (a multipath path failing) raises its table
+        // event itself, asynchronously, as the kernel's targets do.
         Ok(Reply::Message(self.info(m, qi), out))
+    }
+
+    /// The number of the device `name` names, as `dm_get_device` finds it for a target message:
+    /// `major:minor`, dmemu's own nodes and names, or a path (a file by the number its table
+    /// uses). ENODEV when it names nothing.
+    fn device_number_of(&self, name: &str) -> DmResult<DevNum> {
+        let nothing = || DmError::NoSuchBlockDevice(format!("{name:?}"));
+        if let Some(dev) = DevNum::parse(name) {
+            return Ok(dev);
+        }
+        let dm = |minor: u32| DevNum::new(self.pdevs.dm_major(), minor);
+        if let Some(minor) = name.rsplit_once("/mapper/").and_then(|(_, n)| self.by_name.get(n.as_bytes())) {
+            return Ok(dm(*minor));
+        }
+        if let Some(n) = name.strip_prefix("/dev/dm-").and_then(|n| n.parse::<u32>().ok()) {
+            if self.devices.contains_key(&n) {
+                return Ok(dm(n));
+            }
+        }
+        let r = self.resolver.resolve_path(name, false).map_err(|_| nothing())?;
+        match r.identity {
+            Identity::Block(dev) => Ok(dev),
+            Identity::File { dev, ino } => self
+                .pdevs
+                .file_number(dev, ino)
+                .map(|minor| DevNum::new(self.pdevs.file_major(), minor))
+                .ok_or_else(nothing),
+        }
     }
 
     /// The extension point for targets with a control path of their own (the dm-switch

@@ -238,6 +238,11 @@ impl PdevRegistry {
         self.files.get(&minor).map(|(_, p)| p.as_str())
     }
 
+    /// The pseudo minor a file (by `st_dev`, `st_ino`) was given, if any.
+    pub fn file_number(&self, dev: u64, ino: u64) -> Option<u32> {
+        self.file_minors.get(&(dev, ino)).copied()
+    }
+
     /// Whether a resolved identity is the file numbered `file_major:minor`.
     pub fn is_file_numbered(&self, minor: u32, identity: Identity) -> bool {
         matches!(identity, Identity::File { dev, ino } if self.files.get(&minor).is_some_and(|(id, _)| *id == (dev, ino)))

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::command::{TargetSpec, TargetStatus};
 use super::error::{DmError, DmResult};
 use super::pdev::Pdev;
-use super::target::{split_args, BuildEnv, CtorCtx, Features, Target, TargetRegistry, TargetType};
+use super::target::{split_args, BuildEnv, CtorCtx, Features, Target, TargetRegistry, TargetType, TypeFlags};
 use super::types::{DevNum, Sectors, StatusType, MAX_TARGETS};
 use crate::invalid;
 
@@ -30,6 +30,10 @@ pub struct Table {
     id: u64,
     targets: Vec<TableTarget>,
     read_only: bool,
+    /// Request-based (`Some(true)`), bio-based, or either (`None`: only hybrid targets).
+    request_based: Option<bool>,
+    /// The immutable target type in the table, if any.
+    immutable: Option<&'static str>,
     /// Distinct underlying devices, newest first (the kernel pushes at the head of its list, which
     /// is the order TABLE_DEPS reports: linux-dm-abi.md §2.4).
     devices: Vec<Arc<Pdev>>,
@@ -55,9 +59,13 @@ impl Table {
         }
         let id = NEXT_TABLE_ID.fetch_add(1, Ordering::Relaxed);
         env.table_id = id;
-        let mut targets = Vec::with_capacity(specs.len());
+        let mut targets: Vec<TableTarget> = Vec::with_capacity(specs.len());
         let mut next_start = 0u64;
+        let mut immutable: Option<&'static TargetType> = None;
         for (i, spec) in specs.iter().enumerate() {
+            if let Some(first) = targets.first().filter(|t| t.ty.flags.contains(TypeFlags::SINGLETON)) {
+                return Err(invalid!("target type {} must appear alone in table", first.ty.name));
+            }
             if spec.length.0 == 0 {
                 return Err(invalid!("zero-length target {i}"));
             }
@@ -68,6 +76,22 @@ impl Table {
                 .filter(|&e| e <= MAX_SECTORS)
                 .ok_or_else(|| invalid!("target {i} too large"))?;
             let ty = registry.get(&spec.target_type)?;
+            // dm_table_add_target's checks, in its order.
+            if ty.flags.contains(TypeFlags::SINGLETON) && !targets.is_empty() {
+                return Err(invalid!("singleton target type must appear alone in table"));
+            }
+            match immutable {
+                Some(im) if !std::ptr::eq(im, ty) => {
+                    return Err(invalid!("immutable target type cannot be mixed with other target types"))
+                }
+                None if ty.flags.contains(TypeFlags::IMMUTABLE) => {
+                    if !targets.is_empty() {
+                        return Err(invalid!("immutable target type cannot be mixed with other target types"));
+                    }
+                    immutable = Some(ty);
+                }
+                _ => {}
+            }
             if spec.start.0 != next_start {
                 return Err(invalid!("gap in table at target {i}: starts at {} not {next_start}", spec.start));
             }
@@ -81,6 +105,19 @@ impl Table {
             let features = target.features();
             targets.push(TableTarget { start: spec.start, len: spec.length, ty, target, features });
         }
+        // dm_table_determine_type: bio- and request-based targets do not mix; request-based
+        // tables have one target.
+        let mut request_based = None;
+        for t in targets.iter().filter(|t| !t.ty.flags.contains(TypeFlags::HYBRID)) {
+            let rq = t.target.request_based();
+            if request_based.is_some_and(|r| r != rq) {
+                return Err(invalid!("Inconsistent table: different target types can't be mixed up"));
+            }
+            request_based = Some(rq);
+        }
+        if request_based == Some(true) && targets.len() > 1 {
+            return Err(invalid!("request-based DM doesn't support multiple targets"));
+        }
         // Distinct devices, first use last (head insertion order).
         let mut devices: Vec<Arc<Pdev>> = Vec::new();
         let mut seen: HashSet<DevNum> = HashSet::new();
@@ -92,7 +129,21 @@ impl Table {
             });
         }
         devices.reverse();
-        Ok(Table { id, targets, read_only, devices })
+        let immutable = immutable.map(|t| t.name);
+        Ok(Table { id, targets, read_only, request_based, immutable, devices })
+    }
+
+    /// Request-based, bio-based, or either (a table of hybrid targets only).
+    pub fn request_based(&self) -> Option<bool> {
+        self.request_based
+    }
+    /// The immutable target type the table holds (`dm_table_get_immutable_target_type`).
+    pub fn immutable_type(&self) -> Option<&'static str> {
+        self.immutable
+    }
+    /// Whether every target is hybrid (`dm_table_get_wildcard_target`: the error target).
+    pub fn all_hybrid(&self) -> bool {
+        self.targets.iter().all(|t| t.ty.flags.contains(TypeFlags::HYBRID))
     }
 
     pub fn size(&self) -> Sectors {

@@ -131,6 +131,17 @@ pub trait Target: Any + Send + Sync {
         Err(invalid!("target does not accept messages"))
     }
 
+    /// [`Target::message`] for targets whose messages name devices (multipath's `fail_path
+    /// <dev>`): `lookup` resolves a name as `dm_get_device` would, to its number (ENODEV when
+    /// it names nothing). The default ignores it.
+    fn message_with_devices(
+        &self,
+        argv: &[String],
+        _lookup: &dyn Fn(&str) -> DmResult<DevNum>,
+    ) -> DmResult<Option<String>> {
+        self.message(argv)
+    }
+
     /// Every underlying device area the target uses: (device, start, length). The kernel's
     /// `iterate_devices`; used for range validation.
     fn iterate_devices(&self, len: Sectors, f: &mut dyn FnMut(&Arc<Pdev>, Sectors, Sectors));
@@ -172,6 +183,13 @@ pub trait Target: Any + Send + Sync {
         Ok(())
     }
     fn resume(&self) {}
+
+    /// Whether this instance is request-based (the kernel's `clone_and_map_rq` targets:
+    /// multipath unless `queue_mode bio`). A device keeps the type of its first table
+    /// (linux-dm-abi.md §2.5); dmemu's IO path itself is the same for both.
+    fn request_based(&self) -> bool {
+        false
+    }
 }
 
 /// What building one table needs from the engine: the pdev registry, the outside world, and
@@ -290,11 +308,28 @@ impl CtorCtx<'_, '_> {
 
 pub type Constructor = fn(&mut CtorCtx<'_, '_>, &[String]) -> DmResult<Box<dyn Target>>;
 
+bitflags::bitflags! {
+    /// What a target type demands of the table it is in (the kernel's `DM_TARGET_*` features).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct TypeFlags: u8 {
+        /// Must be the only target of its table (`DM_TARGET_SINGLETON`).
+        const SINGLETON = 1;
+        /// A device whose live table has it takes only tables of the same type
+        /// (`DM_TARGET_IMMUTABLE`).
+        const IMMUTABLE = 2;
+        /// Works bio- or request-based, whichever the device is (`error`, a "hybrid" target:
+        /// it has both `map` and `clone_and_map_rq`); a table of only such targets never changes
+        /// a device's type.
+        const HYBRID = 4;
+    }
+}
+
 /// A registered target type.
 pub struct TargetType {
     pub name: &'static str,
     pub version: [u32; 3],
     pub ctor: Constructor,
+    pub flags: TypeFlags,
 }
 
 /// Target types in registration order. LIST_VERSIONS reports newest first, as the kernel's

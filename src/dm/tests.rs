@@ -249,7 +249,7 @@ fn lifecycle_ctor(_: &mut target::CtorCtx<'_, '_>, argv: &[String]) -> DmResult<
 }
 
 static LIFECYCLE: target::TargetType =
-    target::TargetType { name: "lifecycle", version: [1, 0, 0], ctor: lifecycle_ctor };
+    target::TargetType { name: "lifecycle", version: [1, 0, 0], ctor: lifecycle_ctor, flags: target::TypeFlags::empty() };
 
 #[test]
 fn suspend_and_resume_call_targets_in_the_kernels_order_and_a_failing_preresume_fails_the_resume() {

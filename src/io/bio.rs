@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use super::core::{self, Frame};
+use super::core::{self, Frame, TargetFrame};
 use super::{IoError, IoResult};
 use crate::dm::pdev::Pdev;
 use crate::dm::Sectors;
@@ -131,6 +131,9 @@ pub(crate) struct Inner {
     pub(crate) private: Option<Private>,
     pub(crate) clone_index: u32,
     pub(crate) frames: SmallVec<[Frame; 3]>,
+    /// While a target's `end_io` runs: that target's frame, to put back if the target keeps the
+    /// bio and submits it again (the kernel's clone keeps its `bi_end_io` across a retry).
+    pub(crate) reentry: Option<Box<TargetFrame>>,
 }
 
 /// One in-flight request. See the module documentation.
@@ -140,7 +143,18 @@ impl Bio {
     pub(crate) fn new(op: Op, flags: BioFlags, sector: u64, sectors: u64, buf: Buf, bottom: Frame) -> Self {
         let mut frames = SmallVec::new();
         frames.push(bottom);
-        Bio(Box::new(Inner { op, flags, sector, sectors, buf, dev: None, private: None, clone_index: 0, frames }))
+        Bio(Box::new(Inner {
+            op,
+            flags,
+            sector,
+            sectors,
+            buf,
+            dev: None,
+            private: None,
+            clone_index: 0,
+            frames,
+            reentry: None,
+        }))
     }
 
     pub fn op(&self) -> Op {
@@ -322,6 +336,7 @@ impl Drop for Bio {
                     private: None,
                     clone_index: 0,
                     frames: SmallVec::new(),
+                    reentry: None,
                 }),
             );
             tracing::warn!("a bio was dropped without completing; failing it with EIO");

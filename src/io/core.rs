@@ -297,6 +297,10 @@ fn map(plane: &DataPlane, table: Arc<Table>, i: usize, mut bio: Bio) {
 /// inside a submission ([`submit`] with [`Work::Remapped`] from anywhere else).
 fn remapped(plane: &DataPlane, mut bio: Bio) {
     let private = bio.0.private.take();
+    if let Some(tf) = bio.0.reentry.take() {
+        // A bio a target kept in `end_io` and sends again: its `end_io` sees this try too.
+        bio.0.frames.push(Frame::Target(*tf));
+    }
     if let Some(Frame::Target(tf)) = bio.0.frames.last_mut() {
         // What `map` left for `end_io` waits in the target's frame, out of the way of the
         // targets below.
@@ -332,13 +336,22 @@ pub(crate) fn complete(mut bio: Bio, mut res: IoResult) {
                 bio.0.private = tf.private;
                 bio.0.sector = tf.sector;
                 bio.0.dev = None;
-                match tf.table.targets()[tf.index].target.end_io(bio, res) {
-                    EndIo::Done(b, r) => (bio, res) = (b, r),
+                let table = tf.table.clone();
+                bio.0.reentry = Some(Box::new(TargetFrame { private: None, ..tf }));
+                match table.targets()[tf.index].target.end_io(bio, res) {
+                    EndIo::Done(mut b, r) => {
+                        b.0.reentry = None;
+                        (bio, res) = (b, r)
+                    }
                     EndIo::Incomplete => return,
-                    EndIo::Requeue(b) => (bio, res) = (b, Err(IoError::Requeue)),
+                    EndIo::Requeue(mut b) => {
+                        b.0.reentry = None;
+                        (bio, res) = (b, Err(IoError::Requeue))
+                    }
                 }
             }
             Frame::Device(e) => {
+                bio.0.reentry = None;
                 bio.0.sector = e.sector;
                 bio.0.sectors = e.sectors;
                 bio.0.dev = None;
@@ -486,7 +499,7 @@ mod tests {
     fn requeuer_ctor(_: &mut CtorCtx<'_, '_>, _: &[String]) -> DmResult<Box<dyn Target>> {
         Ok(Box::new(Requeuer { requeue: FLAG.get_or_init(Default::default).clone() }))
     }
-    static REQUEUER: TargetType = TargetType { name: "requeuer", version: [1, 0, 0], ctor: requeuer_ctor };
+    static REQUEUER: TargetType = TargetType { name: "requeuer", version: [1, 0, 0], ctor: requeuer_ctor, flags: crate::dm::target::TypeFlags::empty() };
 
     struct NoFiles;
     impl crate::dm::pdev::DeviceResolver for NoFiles {

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use super::sscanf;
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{CtorCtx, Features, Map, Mapping, Target, TargetType};
+use crate::dm::target::{CtorCtx, Features, Map, Mapping, Target, TargetType, TypeFlags};
 use crate::dm::{DmError, DmResult, Sectors, StatusType};
 use crate::invalid;
 use crate::io::{Bio, Op, Services, TimerId};
 
-pub static TYPE: TargetType = TargetType { name: "delay", version: [1, 5, 0], ctor };
+pub static TYPE: TargetType = TargetType { name: "delay", version: [1, 5, 0], ctor, flags: TypeFlags::empty() };
 
 /// The classes, as indices into [`Delay::classes`] and [`Queue::queued`].
 const READ: usize = 0;

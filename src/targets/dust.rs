@@ -19,12 +19,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::sscanf;
 use crate::dm::pdev::{Pdev, PdevKind};
-use crate::dm::target::{CtorCtx, Features, Map, Target, TargetType};
+use crate::dm::target::{CtorCtx, Features, Map, Target, TargetType, TypeFlags};
 use crate::dm::{DmResult, Sectors, StatusType};
 use crate::invalid;
 use crate::io::{Bio, DataPlane, Op};
 
-pub static TYPE: TargetType = TargetType { name: "dust", version: [1, 0, 0], ctor };
+pub static TYPE: TargetType = TargetType { name: "dust", version: [1, 0, 0], ctor, flags: TypeFlags::empty() };
 
 /// The largest block: 1 GiB (`DUST_MAX_BLKSZ_SECTORS`).
 const MAX_BLOCK_SECTORS: u64 = 2_097_152;

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{parse_sectors, CtorCtx, Features, Map, Target, TargetType};
+use crate::dm::target::{parse_sectors, CtorCtx, Features, Map, Target, TargetType, TypeFlags};
 use crate::dm::{DmResult, Sectors, StatusType};
 use crate::invalid;
 use crate::io::Bio;
 
-pub static TYPE: TargetType = TargetType { name: "error", version: [1, 7, 0], ctor };
+pub static TYPE: TargetType = TargetType { name: "error", version: [1, 7, 0], ctor, flags: TypeFlags::HYBRID };
 
 pub struct ErrorTarget {
     dev: Option<(Arc<Pdev>, Sectors)>,

@@ -21,12 +21,12 @@ use std::time::Instant;
 
 use super::sscanf;
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{CtorCtx, EndIo, Features, Map, Target, TargetType};
+use crate::dm::target::{CtorCtx, EndIo, Features, Map, Target, TargetType, TypeFlags};
 use crate::dm::{DmError, DmResult, Sectors, StatusType};
 use crate::invalid;
 use crate::io::{Bio, BioFlags, IoError, IoResult, Op};
 
-pub static TYPE: TargetType = TargetType { name: "flakey", version: [1, 5, 0], ctor };
+pub static TYPE: TargetType = TargetType { name: "flakey", version: [1, 5, 0], ctor, flags: TypeFlags::empty() };
 
 /// Probabilities are parts of this (more-targets.md §1.1: `p` is 0…1000000000).
 const PROBABILITY_BASE: u64 = 1_000_000_000;

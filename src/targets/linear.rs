@@ -3,12 +3,12 @@
 use std::sync::Arc;
 
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{parse_sectors, CtorCtx, Features, Map, Mapping, Target, TargetType};
+use crate::dm::target::{parse_sectors, CtorCtx, Features, Map, Mapping, Target, TargetType, TypeFlags};
 use crate::dm::{DmResult, Sectors, StatusType};
 use crate::invalid;
 use crate::io::Bio;
 
-pub static TYPE: TargetType = TargetType { name: "linear", version: [1, 5, 0], ctor };
+pub static TYPE: TargetType = TargetType { name: "linear", version: [1, 5, 0], ctor, flags: TypeFlags::empty() };
 
 pub struct Linear {
     dev: Arc<Pdev>,

@@ -26,5 +26,6 @@ pub fn registry() -> TargetRegistry {
     r.register(&flakey::TYPE);
     r.register(&dust::TYPE);
     r.register(&delay::TYPE);
+    r.register(&multipath::TYPE);
     r
 }

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{parse_sectors, parse_u64, CtorCtx, Features, Map, Mapping, Target, TargetType};
+use crate::dm::target::{parse_sectors, parse_u64, CtorCtx, Features, Map, Mapping, Target, TargetType, TypeFlags};
 use crate::dm::{DmResult, Sectors, StatusType};
 use crate::invalid;
 use crate::io::{Bio, Op};
 
-pub static TYPE: TargetType = TargetType { name: "striped", version: [1, 6, 0], ctor };
+pub static TYPE: TargetType = TargetType { name: "striped", version: [1, 6, 0], ctor, flags: TypeFlags::empty() };
 
 pub struct Striped {
     chunk: u64,

@@ -62,12 +62,12 @@ use std::sync::{Arc, Mutex};
 use arc_swap::{ArcSwapOption, Guard};
 
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{parse_u64, CtorCtx, Features, Map, Mapping, Target, TargetType};
+use crate::dm::target::{parse_u64, CtorCtx, Features, Map, Mapping, Target, TargetType, TypeFlags};
 use crate::dm::{DevNum, DmError, DmResult, Engine, Sectors, StatusType};
 use crate::invalid;
 use crate::io::{Bio, Op};
 
-pub static TYPE: TargetType = TargetType { name: "switch", version: [1, 1, 0], ctor };
+pub static TYPE: TargetType = TargetType { name: "switch", version: [1, 1, 0], ctor, flags: TypeFlags::empty() };
 
 /// One `IpcPgTable` message of the RFC dm-switch upload after its wire checks (too
 /// short, too many entries, invalid mask, incomplete), as a target receives it. `entries` holds

@@ -3,12 +3,12 @@
 use std::sync::Arc;
 
 use crate::dm::pdev::Pdev;
-use crate::dm::target::{CtorCtx, Features, Map, Mapping, Target, TargetType};
+use crate::dm::target::{CtorCtx, Features, Map, Mapping, Target, TargetType, TypeFlags};
 use crate::dm::{DmResult, Sectors, StatusType};
 use crate::invalid;
 use crate::io::{Bio, Op};
 
-pub static TYPE: TargetType = TargetType { name: "zero", version: [1, 2, 0], ctor };
+pub static TYPE: TargetType = TargetType { name: "zero", version: [1, 2, 0], ctor, flags: TypeFlags::empty() };
 
 pub struct Zero;
 
