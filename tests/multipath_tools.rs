@@ -138,3 +138,168 @@ fn libudev_finds_dm_devices_by_number_through_the_shim() {
     let o = d.run(&prog, &[&major.to_string(), "0"]);
     assert_ne!(o.stdout, look("0").stdout);
 }
+
+const WWID: &str = "3600d0230000000000e13955cc3757800";
+
+/// Creates multipath map `name` (uuid `mpath-<WWID>`) with `table` after `0 <sectors> multipath`.
+/// false (with a note on stderr) while this build's multipath target has no path selectors yet,
+/// so the tests that need one say so instead of failing.
+fn create_map(m: &Mapper, name: &str, sectors: u64, table: &str) -> bool {
+    let uuid = format!("mpath-{WWID}");
+    let out = m.d.dmsetup(&["create", name, "-u", &uuid, "--table", &format!("0 {sectors} multipath {table}")]);
+    if out.code != 0 && m.d.log().contains("path selector not yet available") {
+        eprintln!("skipped: this build's multipath target has no path selectors yet");
+        return false;
+    }
+    out.ok();
+    true
+}
+
+fn status(m: &Mapper, name: &str) -> String {
+    m.d.dmsetup(&["status", name]).ok().trim_end().to_owned()
+}
+
+/// Replaces a device's table (load, resume).
+fn swap(m: &Mapper, name: &str, table: &str) {
+    m.d.dmsetup(&["load", name, "--table", table]).ok();
+    m.d.dmsetup(&["resume", name]).ok();
+}
+
+/// Reads the first 4 KiB of a node under the shim (one IO; a multipath map picks its group).
+fn read_first_block(m: &Mapper, node: &str) -> common::Out {
+    m.run("dd", &[&format!("if={node}"), "of=/dev/null", "bs=4096", "count=1", "iflag=direct", "status=none"])
+}
+
+#[test]
+fn probe_paths_fails_the_paths_that_error_and_says_enotconn_when_none_is_left() {
+    let m = Mapper::start();
+    let prog = build_probe(&m.d);
+    let major = m.d.major();
+    m.linear("pa", 64, 0, &[]);
+    m.linear("pb", 64, 0, &[]);
+    if !create_map(&m, "mp", 64, "0 0 1 1 round-robin 0 2 1 /dev/mapper/pa 1 /dev/mapper/pb 1") {
+        return;
+    }
+    let (a, b) = (format!("{major}:0"), format!("{major}:1"));
+    // Right after the load no group is current: nothing to probe, and valid paths remain.
+    assert_eq!(ioctl(&m, &prog, "/dev/mapper/mp", PROBE), "ok");
+    assert_eq!(status(&m, "mp"), format!("0 64 multipath 2 1 0 0 1 1 E 0 2 0 {a} A 0 {b} A 0"));
+    // One read makes group 1 current; the probe then reads every active path of it.
+    read_first_block(&m, "/dev/mapper/mp").ok();
+    assert_eq!(ioctl(&m, &prog, "/dev/mapper/mp", PROBE), "ok");
+    assert_eq!(status(&m, "mp"), format!("0 64 multipath 2 0 0 0 1 1 A 0 2 0 {a} A 0 {b} A 0"));
+    // pb now fails its IO: the probe fails it, pa is left.
+    swap(&m, "pb", "0 64 error");
+    assert_eq!(ioctl(&m, &prog, "/dev/dm-2", PROBE), "ok");
+    assert_eq!(status(&m, "mp"), format!("0 64 multipath 2 0 0 0 1 1 A 0 2 0 {a} A 0 {b} F 1"));
+    // And then pa: no valid path anywhere.
+    swap(&m, "pa", "0 64 error");
+    assert_eq!(ioctl(&m, &prog, "/dev/mapper/mp", PROBE), "ENOTCONN");
+    assert!(status(&m, "mp").ends_with(&format!("{a} F 1 {b} F 1")), "{}", status(&m, "mp"));
+    assert_eq!(ioctl(&m, &prog, "/dev/mapper/mp", PROBE), "ENOTCONN");
+    // Any other 0xfd ioctl on a multipath map: ENOTTY; suspended: EAGAIN.
+    assert_eq!(ioctl(&m, &prog, "/dev/mapper/mp", "0xfd13"), "ENOTTY");
+    assert_eq!(ioctl(&m, &prog, "/dev/mapper/mp", "0xc138fd00"), "ENOTTY");
+    m.d.dmsetup(&["suspend", "mp"]).ok();
+    assert_eq!(ioctl(&m, &prog, "/dev/mapper/mp", PROBE), "EAGAIN");
+    m.d.dmsetup(&["resume", "mp"]).ok();
+    // A whole-device linear over the map passes the probe down to it.
+    m.d.dmsetup(&["create", "over", "--table", "0 64 linear /dev/mapper/mp 0"]).ok();
+    assert_eq!(ioctl(&m, &prog, "/dev/mapper/over", PROBE), "ENOTCONN");
+    // The paths come back: the probe finds them valid again.
+    swap(&m, "pa", &format!("0 64 linear {} 0", m.d.path("pa.img").display()));
+    m.d.dmsetup(&["message", "mp", "0", "reinstate_path", &a]).ok();
+    assert_eq!(ioctl(&m, &prog, "/dev/mapper/over", PROBE), "ok");
+}
+
+const MULTIPATH: &str = "/usr/sbin/multipath";
+
+/// What a udev database and a configuration would add (docs/multipath-tools.md): runs `multipath
+/// ARGS` under `dmemu exec` in a private mount namespace, with a tmpfs over /etc/multipath (a
+/// conf.d file that lets dm-N paths through, takes the WWID from ID_SERIAL and checks paths with
+/// directio) and one over /run/udev (udev's database: the ID_SERIAL udevd would have recorded for
+/// each path in `paths`, `major:minor`). Nothing outside the namespace changes.
+fn multipath_with_udev_db(m: &Mapper, args: &[&str], paths: &[String]) -> common::Out {
+    let script = r#"set -e
+mkdir -p /etc/multipath /run/udev
+mount -t tmpfs dmemu-test /etc/multipath
+mkdir /etc/multipath/conf.d
+printf '%s\n' 'defaults {' '	path_checker directio' '}' 'blacklist_exceptions {' \
+	'	devnode "^dm-"' '	property "^ID_SERIAL$"' '}' > /etc/multipath/conf.d/dmemu.conf
+mount -t tmpfs dmemu-test /run/udev
+mkdir /run/udev/data
+for n in $PATHS; do printf 'E:ID_SERIAL=%s\n' "$WWID" > "/run/udev/data/b$n"; done
+exec "$DMEMU" exec --socket "$SOCK" -- "$@"
+"#;
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "sh", "-c", script, "sh", MULTIPATH]).args(args);
+    c.env("PATHS", paths.join(" ")).env("WWID", WWID).env("DMEMU", common::bin()).env("SOCK", &m.d.socket);
+    let o = c.output().expect("unshare");
+    common::Out {
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        code: o.status.code().unwrap_or(-1),
+    }
+}
+
+#[test]
+fn multipath_ll_lists_a_map_over_dmemu_paths() {
+    if !std::path::Path::new(MULTIPATH).exists() {
+        eprintln!("skipped: {MULTIPATH} is not installed (Debian package multipath-tools)");
+        return;
+    }
+    let m = Mapper::start();
+    let prog = build_probe(&m.d);
+    let major = m.d.major();
+    m.linear("p1", 131072, 0, &[]);
+    m.linear("p2", 131072, 0, &[]);
+    m.d.dmsetup(&["create", "e1", "--table", "0 131072 error"]).ok();
+    let table = "0 0 2 1 round-robin 0 2 1 /dev/mapper/p1 1 /dev/mapper/e1 1 round-robin 0 1 1 /dev/mapper/p2 1";
+    if !create_map(&m, "mpatha", 131072, table) {
+        return;
+    }
+    let header = format!("mpatha ({WWID}) dm-3 ##,##\nsize=64M features='0' hwhandler='0' wp=rw\n");
+
+    // As it is: multipath-tools finds the map, its table and status and each path's sysfs entry
+    // through libudev, then drops every path: neither dm-N names nor paths without a udev
+    // ID_SERIAL pass its default blacklist.
+    let plain = m.run(MULTIPATH, &["-ll"]);
+    assert_eq!(plain.ok(), header, "{plain:#?}");
+    for dev in ["dm-0", "dm-1", "dm-2"] {
+        assert!(plain.stderr.contains(&format!("{dev}: error 2 in pathinfo, discarding path")), "{plain:#?}");
+    }
+
+    // With udev's database and a configuration, the groups and the path states: right after the
+    // load no group is active; the error path's checker says faulty while the map still has it
+    // active.
+    let paths: Vec<String> = (0..3).map(|n| format!("{major}:{n}")).collect();
+    let before = multipath_with_udev_db(&m, &["-ll"], &paths);
+    assert_eq!(
+        before.ok(),
+        format!(
+            "{header}|-+- policy='round-robin 0' prio=1 status=enabled\n\
+             | |- #:#:#:# dm-0 {major}:0 active ready  running\n\
+             | `- #:#:#:# dm-2 {major}:2 active faulty running\n\
+             `-+- policy='round-robin 0' prio=1 status=enabled\n  \
+             `- #:#:#:# dm-1 {major}:1 active ready  running\n"
+        ),
+        "{before:#?}"
+    );
+    // One read makes group 1 current, and DM_MPATH_PROBE_PATHS fails the error path in the map.
+    read_first_block(&m, "/dev/mapper/mpatha").ok();
+    assert_eq!(ioctl(&m, &prog, "/dev/mapper/mpatha", PROBE), "ok");
+    let after = multipath_with_udev_db(&m, &["-ll"], &paths);
+    assert_eq!(
+        after.ok(),
+        format!(
+            "{header}|-+- policy='round-robin 0' prio=1 status=active\n\
+             | |- #:#:#:# dm-0 {major}:0 active ready  running\n\
+             | `- #:#:#:# dm-2 {major}:2 failed faulty running\n\
+             `-+- policy='round-robin 0' prio=1 status=enabled\n  \
+             `- #:#:#:# dm-1 {major}:1 active ready  running\n"
+        ),
+        "{after:#?}"
+    );
+    // multipath -ll changed nothing in the map.
+    assert!(status(&m, "mpatha").contains(&format!("A 0 2 0 {major}:0 A 0 {major}:2 F 1 E 0 1 0 {major}:1 A 0")));
+}
