@@ -24,6 +24,9 @@ enum Cmd {
     Switch(cli::switch::SwitchArgs),
     /// NetBSD's dmctl over the proplib ioctl (NETBSD_DM_IOCTL).
     Nbsd(cli::nbsd::NbsdArgs),
+    /// Answer the `userspace` multipath hardware handler's requests from a script
+    /// (docs/multipath-hwh.md).
+    Hwh(cli::hwh::HwhArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
         Cmd::Exec(a) => cli::exec::run(a),
         Cmd::Switch(a) => cli::switch::run(a),
         Cmd::Nbsd(a) => cli::nbsd::run(a),
+        Cmd::Hwh(a) => cli::hwh::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,6 +20,12 @@ pub const MAX_PLIST_PAYLOAD: u32 = 1 << 30;
 pub const MAX_GENL_PAYLOAD: u32 = 128 * 1024;
 /// Largest HELLO_REPLY a client accepts.
 pub const MAX_HELLO_REPLY: u32 = 64 * 1024;
+/// Largest HWH payload: one line of the userspace hardware handler's protocol
+/// (docs/multipath-hwh.md), far more than its longest line (a 128-byte name, escaped).
+pub const MAX_HWH_PAYLOAD: u32 = 4096;
+/// Largest HWH_MSG a handler program accepts: a `pg_init` line carries the table's handler
+/// arguments, escaped.
+pub const MAX_HWH_MSG: u32 = 1 << 20;
 
 /// Frame kinds; replies have bit 7 set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +39,8 @@ pub enum Kind {
     Genl = 5,
     /// `BLKROSET` on a device's block node (the shim's): minor and value, two u32.
     BlkRoSet = 6,
+    /// One line of a userspace hardware handler session (docs/multipath-hwh.md).
+    Hwh = 7,
     /// A device-mapper-type ioctl (`_IOC_TYPE` 0xfd, e.g. `DM_MPATH_PROBE_PATHS`) on a device's
     /// block node (the shim's): minor and request number, two u32.
     DmBlkIoctl = 8,
@@ -41,24 +49,28 @@ pub enum Kind {
     HelloReply = 0x83,
     GenlReply = 0x85,
     BlkRoSetReply = 0x86,
+    /// One line to a userspace hardware handler session: a reply or a request.
+    HwhMsg = 0x87,
     DmBlkIoctlReply = 0x88,
     Event = 0x90,
 }
 
 impl Kind {
-    const ALL: [Kind; 14] = [
+    const ALL: [Kind; 16] = [
         Kind::Ioctl,
         Kind::Plist,
         Kind::Hello,
         Kind::Cancel,
         Kind::Genl,
         Kind::BlkRoSet,
+        Kind::Hwh,
         Kind::DmBlkIoctl,
         Kind::IoctlReply,
         Kind::PlistReply,
         Kind::HelloReply,
         Kind::GenlReply,
         Kind::BlkRoSetReply,
+        Kind::HwhMsg,
         Kind::DmBlkIoctlReply,
         Kind::Event,
     ];
@@ -75,6 +87,7 @@ impl Kind {
             Kind::Genl => Some(MAX_GENL_PAYLOAD),
             Kind::Hello | Kind::Cancel => Some(0),
             Kind::BlkRoSet | Kind::DmBlkIoctl => Some(8),
+            Kind::Hwh => Some(MAX_HWH_PAYLOAD),
             _ => None,
         }
     }
@@ -331,6 +344,10 @@ mod tests {
         bad[0] = 0;
         assert!(matches!(parse_request_header(&bad), Err(FrameError::Magic(_))));
         assert!(matches!(parse_request_header(&header(Kind::Event, 0)), Err(FrameError::Kind(0x90))));
+        assert!(matches!(parse_request_header(&header(Kind::HwhMsg, 0)), Err(FrameError::Kind(0x87))));
+        assert!(parse_request_header(&header(Kind::Hwh, MAX_HWH_PAYLOAD as usize)).is_ok());
+        let long = header(Kind::Hwh, MAX_HWH_PAYLOAD as usize + 1);
+        assert!(matches!(parse_request_header(&long), Err(FrameError::TooLong { .. })));
         let mut flagged = header(Kind::Hello, 0);
         flagged[6] = 1;
         assert_eq!(parse_header(&flagged), Err(FrameError::Flags(1)));

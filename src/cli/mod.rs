@@ -1,6 +1,7 @@
 //! `dmemu`'s subcommands, one file each; `main.rs` parses the command line and dispatches here.
 
 pub mod exec;
+pub mod hwh;
 pub mod nbsd;
 pub mod serve;
 pub mod switch;

@@ -1,10 +1,11 @@
 //! Clients of the control socket (docs/control-socket.md): a connection that sends raw ioctls
 //! ([`Client`]) and a builder for `struct dm_ioctl` buffers ([`IoctlBuf`]); the daemon's facts and
-//! starting one ([`daemon`]); the dm-switch page-table upload ([`switch`]). Used by the CLI
-//! subcommands, the benchmarks and the tests; the framing itself is the `dmemu-frame` crate, which
-//! the daemon and the shim share.
+//! starting one ([`daemon`]); the dm-switch page-table upload ([`switch`]); a userspace hardware
+//! handler program's session ([`hwh`]). Used by the CLI subcommands, the benchmarks and the tests;
+//! the framing itself is the `dmemu-frame` crate, which the daemon and the shim share.
 
 pub mod daemon;
+pub mod hwh;
 pub mod switch;
 
 use std::io::{self, Write};

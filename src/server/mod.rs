@@ -2,6 +2,7 @@
 //! engine behind one lock, event delivery, and the sysfs tree.
 
 mod bdev_ioctl;
+mod hwh;
 mod plist;
 pub mod record;
 pub mod resolver;
@@ -58,11 +59,14 @@ fn sync(engine: &mut Engine, sysfs: &mut sysfs::Sysfs, record: &record::StateRec
         }
     }
     let changed = engine.take_changed();
+    let handlers = crate::targets::multipath::handler::userspace::hub();
     for &m in &changed {
         // The record first: once a command is answered, a daemon restarted after any death
         // brings its effect back (docs/reliability.md).
         let recorded = match engine.device(m) {
             Some(d) => {
+                // Handler programs are told of requests by the device's current name.
+                handlers.device_changed(m, Some(d.name.as_bytes()));
                 io.publish_with_stats(
                     m,
                     d.name.as_bytes(),
@@ -74,6 +78,7 @@ fn sync(engine: &mut Engine, sysfs: &mut sysfs::Sysfs, record: &record::StateRec
                 record.write_device(d)
             }
             None => {
+                handlers.device_changed(m, None);
                 io.forget(m);
                 record.remove_device(m)
             }
@@ -291,7 +296,10 @@ impl Daemon {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).retain(|c| !Arc::ptr_eq(c, &conn));
     }
 
-    fn serve_connection(&self, stream: &mut UnixStream, conn: &Conn, privileged: bool) -> io::Result<()> {
+    fn serve_connection(&self, stream: &mut UnixStream, conn: &Arc<Conn>, privileged: bool) -> io::Result<()> {
+        // A hardware handler session, from the connection's first HWH frame; ends with the
+        // connection (docs/multipath-hwh.md).
+        let mut hwh: Option<hwh::Session> = None;
         loop {
             let Some(raw) = read_header(stream)? else {
                 return Ok(());
@@ -339,6 +347,13 @@ impl Daemon {
                     let errno = self.dm_blk_ioctl(&payload, privileged);
                     let ret = if errno == 0 { 0 } else { -1 };
                     self.send(conn, Kind::DmBlkIoctlReply, &[&frame::status_reply(ret, errno, &[])])?;
+                }
+                Kind::Hwh => {
+                    let session = match hwh {
+                        Some(ref s) => s,
+                        None => hwh.insert(hwh::Session::open(conn.clone())?),
+                    };
+                    self.hwh_line(session, &payload, privileged);
                 }
                 _ => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected frame kind {kind:?}"))),
             }
