@@ -41,6 +41,9 @@ pub enum Kind {
     BlkRoSet = 6,
     /// One line of a userspace hardware handler session (docs/multipath-hwh.md).
     Hwh = 7,
+    /// A device-mapper-type ioctl (`_IOC_TYPE` 0xfd, e.g. `DM_MPATH_PROBE_PATHS`) on a device's
+    /// block node (the shim's): minor and request number, two u32.
+    DmBlkIoctl = 8,
     IoctlReply = 0x81,
     PlistReply = 0x82,
     HelloReply = 0x83,
@@ -48,11 +51,12 @@ pub enum Kind {
     BlkRoSetReply = 0x86,
     /// One line to a userspace hardware handler session: a reply or a request.
     HwhMsg = 0x87,
+    DmBlkIoctlReply = 0x88,
     Event = 0x90,
 }
 
 impl Kind {
-    const ALL: [Kind; 14] = [
+    const ALL: [Kind; 16] = [
         Kind::Ioctl,
         Kind::Plist,
         Kind::Hello,
@@ -60,12 +64,14 @@ impl Kind {
         Kind::Genl,
         Kind::BlkRoSet,
         Kind::Hwh,
+        Kind::DmBlkIoctl,
         Kind::IoctlReply,
         Kind::PlistReply,
         Kind::HelloReply,
         Kind::GenlReply,
         Kind::BlkRoSetReply,
         Kind::HwhMsg,
+        Kind::DmBlkIoctlReply,
         Kind::Event,
     ];
 
@@ -80,7 +86,7 @@ impl Kind {
             Kind::Plist => Some(MAX_PLIST_PAYLOAD),
             Kind::Genl => Some(MAX_GENL_PAYLOAD),
             Kind::Hello | Kind::Cancel => Some(0),
-            Kind::BlkRoSet => Some(8),
+            Kind::BlkRoSet | Kind::DmBlkIoctl => Some(8),
             Kind::Hwh => Some(MAX_HWH_PAYLOAD),
             _ => None,
         }
@@ -237,7 +243,8 @@ pub fn write_frame(w: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> io::Resul
     w.write_all(&out)
 }
 
-/// The status that starts `IOCTL_REPLY`, `PLIST_REPLY` and `BLKROSET_REPLY` payloads.
+/// The status that starts `IOCTL_REPLY`, `PLIST_REPLY`, `BLKROSET_REPLY` and `DM_BLK_IOCTL_REPLY`
+/// payloads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Status {
     /// The return value the caller's `ioctl` gives.

@@ -55,6 +55,9 @@ const BLKPBSZGET: c_ulong = io(123);
 const BLKDISCARDZEROES: c_ulong = io(124);
 const BLKROTATIONAL: c_ulong = io(126);
 const BLKZEROOUT: c_ulong = io(127);
+/// The device-mapper ioctl type (`DM_IOCTL`): on a block node, `DM_MPATH_PROBE_PATHS` (`_IO(0xfd,
+/// 18)`) and whatever else a caller sends with that type.
+const DM_IOCTL_TYPE: u32 = 0xfd;
 
 fn fail(e: c_int) -> c_int {
     set_errno(e);
@@ -326,6 +329,17 @@ pub unsafe fn ioctl(
             // DM disks have no partitions to rescan: the kernel says EINVAL (EACCES before that).
             BLKRRPART if !is_root() => fail(libc::EACCES),
             BLKRRPART => fail(libc::EINVAL),
+            // The kernel takes the request as an unsigned int. The daemon asks the device's
+            // target (dm_blk_ioctl): the multipath probe, or ENOTTY, EAGAIN while suspended.
+            r if (r as u32 >> 8) & 0xff == DM_IOCTL_TYPE => {
+                let mut payload = [0u8; 8];
+                payload[..4].copy_from_slice(&(minor as u32).to_le_bytes());
+                payload[4..].copy_from_slice(&(r as u32).to_le_bytes());
+                match daemon::call(dmemu_frame::Kind::DmBlkIoctl, &payload, dmemu_frame::Kind::DmBlkIoctlReply) {
+                    0 => 0,
+                    e => fail(e),
+                }
+            }
             _ => real(),
         }
     }

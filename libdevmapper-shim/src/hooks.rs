@@ -97,12 +97,17 @@ macro_rules! open2_hooks {
 }
 open2_hooks!(__open_2 __open64_2);
 
-// A path we act on is absolute (or ends in /mapper/control), so `dirfd` only matters when passing through.
+// A path we act on is absolute (or ends in /mapper/control), or relative to a directory fd whose path
+// makes it one of ours (`paths::resolve_at`): the absolute path then replaces `(dirfd, path)`.
 macro_rules! openat_hooks {
     ($($name:ident)*) => {$(
         #[no_mangle]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
-            guard(-1, || open_common(path, flags, |p, f| pass!($name: OpenatFn, -1; dirfd, p, f, mode as c_uint)))
+            guard(-1, || {
+                let abs = paths::resolve_at(dirfd, path);
+                let path = abs.as_ref().map_or(path, |a| a.as_ptr());
+                open_common(path, flags, |p, f| pass!($name: OpenatFn, -1; dirfd, p, f, mode as c_uint))
+            })
         }
     )*};
 }
@@ -112,7 +117,11 @@ macro_rules! openat2_hooks {
     ($($name:ident)*) => {$(
         #[no_mangle]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
-            guard(-1, || open_common(path, flags, |p, f| pass!($name: Openat2Fn, -1; dirfd, p, f)))
+            guard(-1, || {
+                let abs = paths::resolve_at(dirfd, path);
+                let path = abs.as_ref().map_or(path, |a| a.as_ptr());
+                open_common(path, flags, |p, f| pass!($name: Openat2Fn, -1; dirfd, p, f))
+            })
         }
     )*};
 }
@@ -190,7 +199,11 @@ pub unsafe extern "C" fn readlink(path: *const c_char, buf: *mut c_char, size: s
 
 #[no_mangle]
 pub unsafe extern "C" fn readlinkat(dirfd: c_int, path: *const c_char, buf: *mut c_char, size: size_t) -> ssize_t {
-    guard(-1, || redirect(path, |p| pass!(readlinkat: ReadlinkatFn, -1; dirfd, p, buf, size)))
+    guard(-1, || {
+        let abs = paths::resolve_at(dirfd, path);
+        let path = abs.as_ref().map_or(path, |a| a.as_ptr());
+        redirect(path, |p| pass!(readlinkat: ReadlinkatFn, -1; dirfd, p, buf, size))
+    })
 }
 
 // ---- access --------------------------------------------------------------------------------------
@@ -220,7 +233,11 @@ pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int {
-    guard(-1, || access_common(path, mode, |p| pass!(faccessat: FaccessatFn, -1; dirfd, p, mode, flags)))
+    guard(-1, || {
+        let abs = paths::resolve_at(dirfd, path);
+        let path = abs.as_ref().map_or(path, |a| a.as_ptr());
+        access_common(path, mode, |p| pass!(faccessat: FaccessatFn, -1; dirfd, p, mode, flags))
+    })
 }
 
 // ---- stat family -------------------------------------------------------------------------------
@@ -259,7 +276,8 @@ unsafe fn stat_at<B: StatBuf>(
     if flags & libc::AT_EMPTY_PATH != 0 && !path.is_null() && *path == 0 {
         stat_fd(dirfd, buf, || real(path))
     } else {
-        stat_path(path, buf, real)
+        let abs = paths::resolve_at(dirfd, path);
+        stat_path(abs.as_ref().map_or(path, |a| a.as_ptr()), buf, real)
     }
 }
 
@@ -367,6 +385,70 @@ macro_rules! fxstatat_hooks {
 fxstatat_hooks! {
     __fxstatat: Stat;
     __fxstatat64: Stat64;
+}
+
+// ---- statfs family: the daemon's sysfs tree is sysfs ------------------------------------------------
+
+/// `SYSFS_MAGIC` (linux/magic.h).
+const SYSFS_MAGIC: i64 = 0x6265_6572;
+
+type StatfsFn<B> = unsafe extern "C" fn(*const c_char, *mut B) -> c_int;
+type FstatfsFn<B> = unsafe extern "C" fn(c_int, *mut B) -> c_int;
+
+/// The `f_type` of both `struct statfs` generations.
+trait FsType {
+    fn set_sysfs(&mut self);
+}
+impl FsType for libc::statfs {
+    fn set_sysfs(&mut self) {
+        self.f_type = SYSFS_MAGIC as _;
+    }
+}
+impl FsType for libc::statfs64 {
+    fn set_sysfs(&mut self) {
+        self.f_type = SYSFS_MAGIC as _;
+    }
+}
+
+macro_rules! statfs_hooks {
+    ($($name:ident: $buf:ty;)*) => {$(
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(path: *const c_char, buf: *mut $buf) -> c_int {
+            guard(-1, || match classify(path) {
+                Target::Redirect(p) => {
+                    let r = pass!($name: StatfsFn<$buf>, -1; p.as_ptr(), buf);
+                    if r == 0 && !buf.is_null() {
+                        (*buf).set_sysfs();
+                    }
+                    r
+                }
+                _ => pass!($name: StatfsFn<$buf>, -1; path, buf),
+            })
+        }
+    )*};
+}
+statfs_hooks! {
+    statfs: libc::statfs;
+    statfs64: libc::statfs64;
+}
+
+macro_rules! fstatfs_hooks {
+    ($($name:ident: $buf:ty;)*) => {$(
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(fd: c_int, buf: *mut $buf) -> c_int {
+            guard(-1, || {
+                let r = pass!($name: FstatfsFn<$buf>, -1; fd, buf);
+                if r == 0 && !buf.is_null() && paths::fd_in_sysfs_tree(fd) {
+                    (*buf).set_sysfs();
+                }
+                r
+            })
+        }
+    )*};
+}
+fstatfs_hooks! {
+    fstatfs: libc::statfs;
+    fstatfs64: libc::statfs64;
 }
 
 // ---- mknod family: creating the control node "succeeds" without touching the fs (§1.1 item 3) ----

@@ -194,3 +194,64 @@ pub unsafe fn is_udev_control(path: *const c_char) -> bool {
     // SAFETY: caller's contract.
     !path.is_null() && unsafe { CStr::from_ptr(path) }.to_bytes() == b"/run/udev/control"
 }
+
+/// The `*at` calls: a relative `path` under a directory fd (`openat(fd_of("/sys/dev/block"),
+/// "252:0", O_PATH)`, as libudev walks a sysfs path one component at a time) names one of our
+/// paths when the directory's path joined with it does. Returns that absolute path, to be used
+/// instead of `(dirfd, path)`; None (the common case, costing a scan of `path`) otherwise.
+///
+/// Only a relative path that could name a DM device or a `major:minor` link (it holds `dm-` or a
+/// `:`) costs the look at `/proc/self/fd/<dirfd>`.
+///
+/// # Safety
+/// `path` must be NULL or NUL-terminated.
+pub unsafe fn resolve_at(dirfd: libc::c_int, path: *const c_char) -> Option<CString> {
+    if dirfd == libc::AT_FDCWD || path.is_null() {
+        return None;
+    }
+    // SAFETY: caller's contract.
+    let rel = unsafe { CStr::from_ptr(path) }.to_bytes();
+    if rel.is_empty() || rel[0] == b'/' || !(rel.contains(&b':') || rel.windows(3).any(|w| w == b"dm-")) {
+        return None;
+    }
+    let dir = crate::sys::keep_errno(|| fd_path(dirfd))?;
+    // Real directories only: our own tree's paths are not under /sys or /dev.
+    let under = |top: &[u8]| dir.strip_prefix(top).is_some_and(|r| r.is_empty() || r[0] == b'/');
+    if !(under(b"/sys") || under(b"/dev")) {
+        return None;
+    }
+    let mut abs = dir;
+    if abs.last() != Some(&b'/') {
+        abs.push(b'/');
+    }
+    abs.extend_from_slice(rel);
+    let abs = CString::new(abs).ok()?;
+    // SAFETY: a NUL-terminated path.
+    match unsafe { classify(abs.as_ptr()) } {
+        Target::Pass => None,
+        _ => Some(abs),
+    }
+}
+
+/// The path an fd was opened with (`/proc/self/fd/<fd>`), read with a raw syscall.
+fn fd_path(fd: libc::c_int) -> Option<Vec<u8>> {
+    let link = CString::new(format!("/proc/self/fd/{fd}")).ok()?;
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: a NUL-terminated path and a buffer of the size we pass.
+    let n = unsafe { libc::syscall(libc::SYS_readlinkat, libc::AT_FDCWD, link.as_ptr(), buf.as_mut_ptr(), buf.len()) };
+    let n = usize::try_from(n).ok().filter(|&n| n > 0 && n < buf.len())?;
+    buf.truncate(n);
+    buf.starts_with(b"/").then_some(buf)
+}
+
+/// Whether an fd is open on something in the daemon's sysfs tree (`<run_dir>/sys/…`), which then
+/// reports itself as sysfs to `fstatfs`: libudev takes a directory for a device only on sysfs.
+pub fn fd_in_sysfs_tree(fd: libc::c_int) -> bool {
+    let Some(p) = crate::sys::keep_errno(|| fd_path(fd)) else { return false };
+    // Cheap first: every path in the tree has a "/sys" component.
+    if !p.windows(5).any(|w| w == b"/sys/") && !p.ends_with(b"/sys") {
+        return false;
+    }
+    let Some(f) = daemon::facts() else { return false };
+    p.strip_prefix(&f.run_dir[..]).and_then(|r| r.strip_prefix(b"/sys")).is_some_and(|r| r.is_empty() || r[0] == b'/')
+}

@@ -1,6 +1,7 @@
 //! The daemon: the control socket (one connection = one open of `/dev/mapper/control`), the
 //! engine behind one lock, event delivery, and the sysfs tree.
 
+mod bdev_ioctl;
 mod hwh;
 mod plist;
 pub mod record;
@@ -342,6 +343,11 @@ impl Daemon {
                     let ret = if errno == 0 { 0 } else { -1 };
                     self.send(conn, Kind::BlkRoSetReply, &[&frame::status_reply(ret, errno, &[])])?;
                 }
+                Kind::DmBlkIoctl => {
+                    let errno = self.dm_blk_ioctl(&payload, privileged);
+                    let ret = if errno == 0 { 0 } else { -1 };
+                    self.send(conn, Kind::DmBlkIoctlReply, &[&frame::status_reply(ret, errno, &[])])?;
+                }
                 Kind::Hwh => {
                     let session = match hwh {
                         Some(ref s) => s,
@@ -374,6 +380,34 @@ impl Daemon {
         st.sync(&self.io);
         tracing::debug!("BLKROSET dm-{minor} {}", read_only as u8);
         0
+    }
+
+    /// A device-mapper-type ioctl on a device's block device (`DM_MPATH_PROBE_PATHS`; [`bdev_ioctl`]):
+    /// open to anyone who holds the node open, as the kernel's. The multipath probe reads from the
+    /// paths, so it runs with the engine's lock released. Returns the errno, 0 on success.
+    fn dm_blk_ioctl(&self, payload: &[u8], privileged: bool) -> i32 {
+        let (Some(minor), Some(request)) = (payload.get(0..4), payload.get(4..8)) else {
+            tracing::warn!("DM_BLK_IOCTL frame of {} bytes (want 8)", payload.len());
+            return libc::EINVAL;
+        };
+        let mut minor = u32::from_le_bytes(minor.try_into().expect("4 bytes"));
+        let request = u32::from_le_bytes(request.try_into().expect("4 bytes"));
+        if (request >> 8) & 0xff != bdev_ioctl::DM_IOCTL_TYPE {
+            return libc::ENOTTY;
+        }
+        // Each level is one device down a stack; tables cannot form a cycle, so this ends.
+        loop {
+            let step = bdev_ioctl::step(&self.lock().engine, minor, request, privileged);
+            match step {
+                bdev_ioctl::Step::Done(errno) => return errno,
+                bdev_ioctl::Step::Forward(lower) => minor = lower,
+                bdev_ioctl::Step::Probe(handle) => {
+                    let r = handle.probe();
+                    tracing::debug!("DM_MPATH_PROBE_PATHS on dm-{minor}: {r:?}");
+                    return r.err().unwrap_or(0);
+                }
+            }
+        }
     }
 
     fn send(&self, conn: &Conn, kind: Kind, parts: &[&[u8]]) -> io::Result<()> {

@@ -180,6 +180,14 @@ impl Sysfs {
             write_atomic(&dir.join("dev"), &format!("{}:{minor}\n", self.major))?;
             write_atomic(&dir.join("bdi/read_ahead_kb"), "128\n")?;
             write_atomic(&dir.join("removable"), "0\n")?;
+            write_atomic(&dir.join("hidden"), "0\n")?;
+            // What libudev needs to take the directory for a device: its uevent (device number,
+            // kernel name; libudev's devnode is /dev/<DEVNAME>) and its subsystem.
+            write_atomic(
+                &dir.join("uevent"),
+                &format!("MAJOR={}\nMINOR={minor}\nDEVNAME=dm-{minor}\nDEVTYPE=disk\n", self.major),
+            )?;
+            replace_link("../../../../class/block", &dir.join("subsystem"))?;
             let target = format!("../../devices/virtual/block/dm-{minor}");
             replace_link(&target, &self.root.join(format!("dev/block/{}:{minor}", self.major)))?;
             replace_link(
