@@ -279,3 +279,23 @@ fn an_error_io_activation_fails_the_io_held_for_it() {
     assert_eq!(file_range(&f, 0, 4096), pattern(12, 4096));
     assert!(status(&d).contains(&format!(" 2 1 A 0 1 0 {a} A 0 E ")), "{}", status(&d));
 }
+
+#[test]
+fn a_delayed_retry_waits_pg_init_delay_msecs() {
+    let d = Daemon::start();
+    let (f, a, b) = paths(&d);
+    two_groups(&d, "4 pg_init_retries 1 pg_init_delay_msecs 300", &a, &b);
+    assert!(d
+        .dmsetup(&["table", "mp"])
+        .ok()
+        .contains("multipath 4 pg_init_retries 1 pg_init_delay_msecs 300 1 userspace 2 1 "));
+    let h = Hwh::start(&d.socket, &["mp", "--pg-init", "retry-delayed", "--pg-init", "ok"]);
+    let started = std::time::Instant::now();
+    ok(&write(&d, 0, &pattern(13, 4096)));
+    h.expect(&format!("pg_init mp 1 {a} 0 -> retry-delayed"));
+    h.expect(&format!("pg_init mp 1 {a} 0 -> ok"));
+    // The second activation came no sooner than the delay (a lower bound, not a speed claim).
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(file_range(&f, 0, 4096), pattern(13, 4096));
+    assert!(status(&d).contains(&format!("multipath 2 0 2 0 2 1 A 0 1 0 {a} A 0 ")), "{}", status(&d));
+}
