@@ -584,6 +584,13 @@ mod corpus {
             ("flakey", t("0 2048 flakey /f/a 0 5 5 3 corrupt_bio_byte 32 r 1 0 drop_writes\n")),
             ("dust", t("0 2048 dust /f/a 0 512\n!0 addbadblock 3\n!0 enable\n!0 listbadblocks\n!0 quiet\n")),
             ("delay", t("0 2048 delay /f/a 0 0 /f/b 0 0 /f/c 0 0\n")),
+            (
+                "multipath",
+                t("0 2048 multipath 3 queue_if_no_path pg_init_retries 2 1 alua 2 1 round-robin 0 1 1 /f/a 1 \
+                   service-time 0 2 2 /f/b 1 50 /dev/mapper/z 1 0\n\
+                   !0 fail_path /f/b\n!0 switch_group 2\n!0 fail_if_no_path\n!0 reinstate_path /f/b\n-\n\
+                   0 2048 multipath 0 0 1 1 historical-service-time 2 900 3 1 1 /f/a 4\n"),
+            ),
             ("overflow", t("0 18446744073709551615 linear /f/a 18446744073709551615\n")),
         ]
     }
