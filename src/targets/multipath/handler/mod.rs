@@ -105,13 +105,16 @@ pub trait HwHandler: Send + Sync {
     }
 }
 
-/// The kernel's decision without a handler: `noretry_error` (not supported, no space, target,
-/// nexus and medium errors) fails the IO, anything else could be the path.
+/// The kernel's decision without a handler: what `blk_path_error` calls no path error (not
+/// supported, no space, target, reservation conflict, medium and protection errors) fails the IO,
+/// anything else could be the path.
 pub fn default_err(errno: i32) -> MpFlags {
     match errno {
-        // BLK_STS_NOTSUPP, BLK_STS_NOSPC, BLK_STS_TARGET (EREMOTEIO), BLK_STS_NEXUS (EBADE),
-        // BLK_STS_MEDIUM (ENODATA).
-        libc::EOPNOTSUPP | libc::ENOSPC | libc::EREMOTEIO | libc::EBADE | libc::ENODATA => MpFlags::ERROR_IO,
+        // BLK_STS_NOTSUPP, BLK_STS_NOSPC, BLK_STS_TARGET (EREMOTEIO), BLK_STS_RESV_CONFLICT
+        // (EBADE), BLK_STS_MEDIUM (ENODATA), BLK_STS_PROTECTION (EILSEQ).
+        libc::EOPNOTSUPP | libc::ENOSPC | libc::EREMOTEIO | libc::EBADE | libc::ENODATA | libc::EILSEQ => {
+            MpFlags::ERROR_IO
+        }
         _ => MpFlags::FAIL_PATH,
     }
 }
