@@ -1091,3 +1091,6 @@ impl ProbeHandle {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
