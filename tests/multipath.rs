@@ -446,3 +446,33 @@ fn bypassed_groups_are_used_last_and_the_next_group_takes_over() {
     // Group 1 is in use again but stays bypassed (D) until an activation clears it.
     assert!(status(&d, "mp").contains(&format!(" 2 1 D 0 1 0 {a} A 0 E 0 1 0 {b} F 1 ")), "{}", status(&d, "mp"));
 }
+
+#[test]
+fn files_as_paths_and_a_restart_brings_the_table_back() {
+    let mut d = Daemon::start();
+    let f = d.file("direct.img", SECTORS);
+    // A file named twice is one device: one path state for both entries.
+    create(&d, "mf", &format!("1 queue_if_no_path 1 alua 1 1 service-time 0 2 2 {f} 1 1 {f} 1 2")).ok();
+    let fdev = {
+        let t = table(&d, "mf");
+        t.split(' ').nth(13).unwrap().to_owned()
+    };
+    assert!(fdev.starts_with("251:"), "{fdev}");
+    assert_eq!(
+        table(&d, "mf"),
+        format!("0 {SECTORS} multipath 1 queue_if_no_path 1 alua 1 1 service-time 0 2 2 {fdev} 1 1 {fdev} 1 2 ")
+    );
+    io_ok(&write_bytes(&d, "mf", 512, &pattern(21, 4096)));
+    assert_eq!(file_range(&f, 512, 4096), pattern(21, 4096));
+    message(&d, "mf", &["fail_path", &f]).ok();
+    assert!(status(&d, "mf").contains(&format!("{fdev} F 1 0 1 {fdev} F 1 0 2 ")), "{}", status(&d, "mf"));
+    message(&d, "mf", &["reinstate_path", &fdev]).ok();
+
+    let (_shared, p) = paths(&d, 2);
+    create(&d, "mp", &format!("0 0 2 2 round-robin 0 1 1 {} 1 queue-length 0 1 1 {} 1", p[0], p[1])).ok();
+    let before = (table(&d, "mf"), table(&d, "mp"));
+    d.restart_after(libc::SIGKILL);
+    assert_eq!((table(&d, "mf"), table(&d, "mp")), before);
+    io_ok(&qemu_io(&d, "mp", &["read 0 64k"]));
+    io_ok(&qemu_io(&d, "mf", &["read 512 4k"]));
+}
