@@ -133,7 +133,7 @@ pub(crate) struct Inner {
     pub(crate) frames: SmallVec<[Frame; 3]>,
     /// While a target's `end_io` runs: that target's frame, to put back if the target keeps the
     /// bio and submits it again (the kernel's clone keeps its `bi_end_io` across a retry).
-    pub(crate) reentry: Option<Box<TargetFrame>>,
+    pub(crate) reentry: Option<TargetFrame>,
 }
 
 /// One in-flight request. See the module documentation.

@@ -299,7 +299,7 @@ fn remapped(plane: &DataPlane, mut bio: Bio) {
     let private = bio.0.private.take();
     if let Some(tf) = bio.0.reentry.take() {
         // A bio a target kept in `end_io` and sends again: its `end_io` sees this try too.
-        bio.0.frames.push(Frame::Target(*tf));
+        bio.0.frames.push(Frame::Target(tf));
     }
     if let Some(Frame::Target(tf)) = bio.0.frames.last_mut() {
         // What `map` left for `end_io` waits in the target's frame, out of the way of the
@@ -337,7 +337,7 @@ pub(crate) fn complete(mut bio: Bio, mut res: IoResult) {
                 bio.0.sector = tf.sector;
                 bio.0.dev = None;
                 let table = tf.table.clone();
-                bio.0.reentry = Some(Box::new(TargetFrame { private: None, ..tf }));
+                bio.0.reentry = Some(TargetFrame { private: None, ..tf });
                 match table.targets()[tf.index].target.end_io(bio, res) {
                     EndIo::Done(mut b, r) => {
                         b.0.reentry = None;
