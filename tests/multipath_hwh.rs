@@ -9,14 +9,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::process::Command;
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::hwh::{Hwh, PATIENCE};
 use common::Daemon;
 use dmemu::client::hwh::{connect, HwhReader, HwhWriter};
 use dmemu::dm::DevNum;
@@ -24,65 +24,6 @@ use dmemu::io::Op;
 use dmemu::targets::multipath::handler::userspace::wire::{Command as Line, Message};
 use dmemu::targets::multipath::handler::{self, ErrRequest, HandlerCtx, HwHandler, MpFlags, PathRef, PgInitOutcome};
 use dmemu_frame::{self as frame, Kind};
-
-/// Only a broken build waits this long.
-const PATIENCE: Duration = Duration::from_secs(60);
-
-/// A running `dmemu hwh`, its standard output line by line; killed when dropped.
-struct Hwh {
-    child: Child,
-    lines: Receiver<String>,
-}
-
-impl Hwh {
-    fn start(socket: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(common::bin())
-            .arg("hwh")
-            .arg("--socket")
-            .arg(socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start dmemu hwh");
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for l in out.lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines }
-    }
-
-    #[track_caller]
-    fn line(&self) -> String {
-        match self.lines.recv_timeout(PATIENCE) {
-            Ok(l) => l,
-            Err(RecvTimeoutError::Timeout) => panic!("dmemu hwh printed nothing"),
-            Err(RecvTimeoutError::Disconnected) => panic!("dmemu hwh ended"),
-        }
-    }
-
-    #[track_caller]
-    fn expect(&self, want: &str) {
-        assert_eq!(self.line(), want);
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Hwh {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// A device with any table (a linear map of a file).
 fn device(d: &Daemon, name: &str) {

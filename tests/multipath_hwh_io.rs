@@ -10,66 +10,20 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
+use common::hwh::Hwh;
 use common::{pattern, Daemon, Out};
 
 const SECTORS: u64 = 8192;
-/// Only a broken build waits this long.
-const PATIENCE: Duration = Duration::from_secs(60);
 
-struct Hwh {
-    child: Child,
-    lines: Receiver<String>,
-}
-
-impl Hwh {
-    fn start(socket: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(common::bin())
-            .arg("hwh")
-            .arg("--socket")
-            .arg(socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start dmemu hwh");
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for l in out.lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let h = Self { child, lines };
-        let first = h.line();
-        assert!(first.starts_with("registered "), "{first}");
-        h
-    }
-
-    #[track_caller]
-    fn line(&self) -> String {
-        self.lines.recv_timeout(PATIENCE).expect("a line from dmemu hwh")
-    }
-
-    #[track_caller]
-    fn expect(&self, want: &str) {
-        assert_eq!(self.line(), want);
-    }
-}
-
-impl Drop for Hwh {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `dmemu hwh ARGS`, once it has registered.
+fn hwh(d: &Daemon, args: &[&str]) -> Hwh {
+    let h = Hwh::start(&d.socket, args);
+    let first = h.line();
+    assert!(first.starts_with("registered "), "{first}");
+    h
 }
 
 /// The shared file and paths `p1`, `p2` over it (their `major:minor`).
@@ -130,7 +84,7 @@ fn a_slow_activation_holds_io_until_it_succeeds() {
     let (f, a, b) = paths(&d);
     two_groups(&d, "0", &a, &b);
     assert!(d.dmsetup(&["table", "mp"]).ok().contains(" 1 userspace 2 1 "));
-    let h = Hwh::start(&d.socket, &["mp", "--pg-init", "sleep=400:ok"]);
+    let h = hwh(&d, &["mp", "--pg-init", "sleep=400:ok"]);
     let data = pattern(1, 8192);
     let mut w = spawn_write(&d, 4096, &data);
     // The write waits while the activation is under way: IO is queued (queue_io 1).
@@ -150,7 +104,7 @@ fn a_failed_activation_fails_the_path_and_the_next_group_takes_over() {
     let d = Daemon::start();
     let (f, a, b) = paths(&d);
     two_groups(&d, "0", &a, &b);
-    let h = Hwh::start(&d.socket, &["mp", "--pg-init", "fail", "--pg-init", "ok"]);
+    let h = hwh(&d, &["mp", "--pg-init", "fail", "--pg-init", "ok"]);
     ok(&write(&d, 0, &pattern(2, 4096)));
     h.expect(&format!("pg_init mp 1 {a} 0 -> fail"));
     h.expect(&format!("pg_init mp 2 {b} 0 -> ok"));
@@ -163,7 +117,7 @@ fn a_bypass_answer_bypasses_the_group() {
     let d = Daemon::start();
     let (f, a, b) = paths(&d);
     two_groups(&d, "0", &a, &b);
-    let h = Hwh::start(&d.socket, &["mp", "--pg-init", "bypass", "--pg-init", "ok"]);
+    let h = hwh(&d, &["mp", "--pg-init", "bypass", "--pg-init", "ok"]);
     ok(&write(&d, 0, &pattern(3, 4096)));
     h.expect(&format!("pg_init mp 1 {a} 0 -> bypass"));
     h.expect(&format!("pg_init mp 2 {b} 0 -> ok"));
@@ -184,7 +138,7 @@ fn retries_are_repeated_up_to_pg_init_retries_then_fail_the_path() {
     let (f, a, b) = paths(&d);
     // Two retries allowed: retry, retry, ok → the path is used.
     two_groups(&d, "2 pg_init_retries 2", &a, &b);
-    let h = Hwh::start(&d.socket, &["mp", "--pg-init", "retry", "--pg-init", "retry", "--pg-init", "ok"]);
+    let h = hwh(&d, &["mp", "--pg-init", "retry", "--pg-init", "retry", "--pg-init", "ok"]);
     ok(&write(&d, 0, &pattern(5, 4096)));
     for answer in ["retry", "retry", "ok"] {
         h.expect(&format!("pg_init mp 1 {a} 0 -> {answer}"));
@@ -197,7 +151,7 @@ fn retries_are_repeated_up_to_pg_init_retries_then_fail_the_path() {
 
     // None allowed (the default): the first retry fails the path.
     two_groups(&d, "0", &a, &b);
-    let h = Hwh::start(&d.socket, &["mp", "--pg-init", "retry", "--pg-init", "ok"]);
+    let h = hwh(&d, &["mp", "--pg-init", "retry", "--pg-init", "ok"]);
     ok(&write(&d, 0, &pattern(6, 4096)));
     h.expect(&format!("pg_init mp 1 {a} 0 -> retry"));
     h.expect(&format!("pg_init mp 2 {b} 0 -> ok"));
@@ -215,7 +169,7 @@ fn error_decisions_fail_the_path_or_the_io() {
         &format!("0 {SECTORS} multipath 0 1 userspace 1 1 round-robin 0 2 1 {a} 1 {b} 1"),
     ])
     .ok();
-    let h = Hwh::start(&d.socket, &["mp", "--err", "error-io", "--err", "fail"]);
+    let h = hwh(&d, &["mp", "--err", "error-io", "--err", "fail"]);
     // The group's activation (both paths) first.
     ok(&write(&d, 0, &pattern(7, 4096)));
     let mut lines = vec![h.line(), h.line()];
@@ -267,7 +221,7 @@ fn an_error_io_activation_fails_the_io_held_for_it() {
     let d = Daemon::start();
     let (f, a, b) = paths(&d);
     two_groups(&d, "0", &a, &b);
-    let h = Hwh::start(&d.socket, &["mp", "--pg-init", "error-io", "--pg-init", "ok"]);
+    let h = hwh(&d, &["mp", "--pg-init", "error-io", "--pg-init", "ok"]);
     let o = nbdcopy_write(&d, &pattern(11, 4096));
     assert_ne!(o.code, 0, "{o:#?}");
     h.expect(&format!("pg_init mp 1 {a} 0 -> error-io"));
@@ -289,7 +243,7 @@ fn a_delayed_retry_waits_pg_init_delay_msecs() {
         .dmsetup(&["table", "mp"])
         .ok()
         .contains("multipath 4 pg_init_retries 1 pg_init_delay_msecs 300 1 userspace 2 1 "));
-    let h = Hwh::start(&d.socket, &["mp", "--pg-init", "retry-delayed", "--pg-init", "ok"]);
+    let h = hwh(&d, &["mp", "--pg-init", "retry-delayed", "--pg-init", "ok"]);
     let started = std::time::Instant::now();
     ok(&write(&d, 0, &pattern(13, 4096)));
     h.expect(&format!("pg_init mp 1 {a} 0 -> retry-delayed"));

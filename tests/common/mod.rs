@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fuse;
+pub mod hwh;
 
 use std::ffi::OsStr;
 use std::io::Write;

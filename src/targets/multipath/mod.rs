@@ -248,27 +248,8 @@ fn ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Box<dyn Target>>
     if groups.len() != nr_groups {
         return Err(invalid!("priority group count mismatch"));
     }
-    let nr_valid_paths = groups.iter().map(|g| g.paths.len()).sum();
     let next_pg = initial.checked_sub(1).filter(|&i| i < groups.len());
-    let state = State {
-        groups,
-        current_pg: None,
-        current_path: None,
-        next_pg,
-        nr_valid_paths,
-        queue_io: true,
-        queue_if_no_path: f.queue_if_no_path,
-        saved_queue_if_no_path: f.queue_if_no_path,
-        pg_init_required: false,
-        pg_init_disabled: false,
-        pg_init_delay_retry: false,
-        pg_init_in_progress: 0,
-        pg_init_count: 0,
-        queued: VecDeque::new(),
-        process_scheduled: false,
-        suspended: false,
-        noflush_suspending: false,
-    };
+    let state = State::new(groups, next_pg, f.queue_if_no_path);
     let config = Config {
         bio_mode: f.bio_mode,
         retain_attached_hw_handler: f.retain,
@@ -322,6 +303,43 @@ fn selector_known(name: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // The state machine.
 // ---------------------------------------------------------------------------------------------
+
+impl State {
+    /// Right after load: every path usable, no group chosen, IO queued until the first choice.
+    fn new(groups: Vec<Group>, next_pg: Option<usize>, queue_if_no_path: bool) -> Self {
+        let nr_valid_paths = groups.iter().map(|g| g.paths.len()).sum();
+        State {
+            groups,
+            current_pg: None,
+            current_path: None,
+            next_pg,
+            nr_valid_paths,
+            queue_io: true,
+            queue_if_no_path,
+            saved_queue_if_no_path: queue_if_no_path,
+            pg_init_required: false,
+            pg_init_disabled: false,
+            pg_init_delay_retry: false,
+            pg_init_in_progress: 0,
+            pg_init_count: 0,
+            queued: VecDeque::new(),
+            process_scheduled: false,
+            suspended: false,
+            noflush_suspending: false,
+        }
+    }
+
+    /// A group's letter in INFO status: D(isabled, i.e. bypassed), A(ctive), E(nabled).
+    fn group_state(&self, g: usize) -> char {
+        if self.groups[g].bypassed {
+            'D'
+        } else if self.current_pg == Some(g) {
+            'A'
+        } else {
+            'E'
+        }
+    }
+}
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -695,13 +713,7 @@ impl Multipath {
         }
         out.push_str(&format!("{} {} ", st.groups.len(), pg_num(st)));
         for (gi, g) in st.groups.iter().enumerate() {
-            let state = if g.bypassed {
-                'D'
-            } else if st.current_pg == Some(gi) {
-                'A'
-            } else {
-                'E'
-            };
+            let state = st.group_state(gi);
             out.push_str(&format!("{state} "));
             out.push_str(&g.selector.status(None, StatusType::Info));
             out.push_str(&format!("{} {} ", g.paths.len(), g.selector.info_args()));
@@ -764,13 +776,7 @@ impl Multipath {
         let mut out =
             format!("target_name=multipath,target_version={a}.{b}.{c},nr_priority_groups={}", st.groups.len());
         for (gi, g) in st.groups.iter().enumerate() {
-            let state = if g.bypassed {
-                'D'
-            } else if st.current_pg == Some(gi) {
-                'A'
-            } else {
-                'E'
-            };
+            let state = st.group_state(gi);
             out.push_str(&format!(
                 ",pg_state_{gi}={state},nr_pgpaths_{gi}={},path_selector_name_{gi}={}",
                 g.paths.len(),

@@ -26,29 +26,10 @@ fn shared(groups: usize, paths: usize, with_handler: bool, queue_if_no_path: boo
             Group { selector, paths, bypassed: false }
         })
         .collect::<Vec<_>>();
-    let nr_valid_paths = groups.iter().map(|g| g.paths.len()).sum();
     let services = DataPlane::detached().services(0, 0);
     let handler = with_handler
         .then(|| handler::create("alua", &[], HandlerCtx { minor: 0, services: services.clone() }).unwrap().unwrap());
-    let state = State {
-        groups,
-        current_pg: None,
-        current_path: None,
-        next_pg: Some(0),
-        nr_valid_paths,
-        queue_io: true,
-        queue_if_no_path,
-        saved_queue_if_no_path: queue_if_no_path,
-        pg_init_required: false,
-        pg_init_disabled: false,
-        pg_init_delay_retry: false,
-        pg_init_in_progress: 0,
-        pg_init_count: 0,
-        queued: VecDeque::new(),
-        process_scheduled: false,
-        suspended: false,
-        noflush_suspending: false,
-    };
+    let state = State::new(groups, Some(0), queue_if_no_path);
     let config = Config {
         bio_mode: false,
         retain_attached_hw_handler: false,

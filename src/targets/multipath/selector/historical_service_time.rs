@@ -112,53 +112,58 @@ impl Hst {
         u64::from(self.weights[bucket])
     }
 
-    /// The kernel's `hst_compare`: negative when `pi1` is the better path, positive when `pi2`
-    /// is, 0 for no difference.
+    #[cfg(test)]
     fn compare(&self, pi1: &PathInfo, pi2: &PathInfo, time_now: u64) -> i64 {
-        let (mut hst1, mut hst2) = (pi1.historical_service_time, pi2.historical_service_time);
-        // The kernel reads these into `long long`.
-        let (out1, out2) = (pi1.outstanding as i64, pi2.outstanding as i64);
-        // ... and compares them with the unsigned `time_now` as unsigned.
-        let (stale1, stale2) = (pi1.stale_after, pi2.stale_after);
-        let threshold = u64::from(self.threshold_multiplier);
-
-        // Estimates too close to call: the less loaded path.
-        let over_threshold =
-            if hst1 > hst2 { hst1 > threshold.wrapping_mul(hst2) } else { hst2 > threshold.wrapping_mul(hst1) };
-        if !over_threshold {
-            return out1.wrapping_sub(out2);
-        }
-
-        // An unloaded stale path, or of two unloaded paths the staler.
-        if (out1 == 0 && stale1 < time_now) || (out2 == 0 && stale2 < time_now) || (out1 == 0 && out2 == 0) {
-            let a = if out2 == 0 { stale1 as i64 } else { 0 };
-            let b = if out1 == 0 { stale2 as i64 } else { 0 };
-            return a.wrapping_sub(b);
-        }
-
-        // The estimated service times.
-        let pi2_better = if out1 == out2 {
-            hst1 > hst2
-        } else {
-            if out1 >= MAX_INFLIGHT || out2 >= MAX_INFLIGHT {
-                hst1 >>= FIXED_SHIFT;
-                hst2 >>= FIXED_SHIFT;
-            }
-            (1i64.wrapping_add(out1) as u64).wrapping_mul(hst1) > (1i64.wrapping_add(out2) as u64).wrapping_mul(hst2)
-        };
-
-        // A stale winner is limited to equal usage.
-        if pi2_better {
-            if stale2 < time_now {
-                return out1.wrapping_sub(out2);
-            }
-            return 1;
-        }
-        if stale1 < time_now {
-            return out1.wrapping_sub(out2);
-        }
-        -1
+        hst_compare(self.threshold_multiplier, pi1, pi2, time_now)
     }
+}
+
+/// `hst_compare` with the selector's threshold multiplier: negative when `pi1` is the better
+/// path, positive when `pi2` is, 0 for no difference.
+fn hst_compare(threshold_multiplier: u32, pi1: &PathInfo, pi2: &PathInfo, time_now: u64) -> i64 {
+    let (mut hst1, mut hst2) = (pi1.historical_service_time, pi2.historical_service_time);
+    // The kernel reads these into `long long`.
+    let (out1, out2) = (pi1.outstanding as i64, pi2.outstanding as i64);
+    // ... and compares them with the unsigned `time_now` as unsigned.
+    let (stale1, stale2) = (pi1.stale_after, pi2.stale_after);
+    let threshold = u64::from(threshold_multiplier);
+
+    // Estimates too close to call: the less loaded path.
+    let over_threshold =
+        if hst1 > hst2 { hst1 > threshold.wrapping_mul(hst2) } else { hst2 > threshold.wrapping_mul(hst1) };
+    if !over_threshold {
+        return out1.wrapping_sub(out2);
+    }
+
+    // An unloaded stale path, or of two unloaded paths the staler.
+    if (out1 == 0 && stale1 < time_now) || (out2 == 0 && stale2 < time_now) || (out1 == 0 && out2 == 0) {
+        let a = if out2 == 0 { stale1 as i64 } else { 0 };
+        let b = if out1 == 0 { stale2 as i64 } else { 0 };
+        return a.wrapping_sub(b);
+    }
+
+    // The estimated service times.
+    let pi2_better = if out1 == out2 {
+        hst1 > hst2
+    } else {
+        if out1 >= MAX_INFLIGHT || out2 >= MAX_INFLIGHT {
+            hst1 >>= FIXED_SHIFT;
+            hst2 >>= FIXED_SHIFT;
+        }
+        (1i64.wrapping_add(out1) as u64).wrapping_mul(hst1) > (1i64.wrapping_add(out2) as u64).wrapping_mul(hst2)
+    };
+
+    // A stale winner is limited to equal usage.
+    if pi2_better {
+        if stale2 < time_now {
+            return out1.wrapping_sub(out2);
+        }
+        return 1;
+    }
+    if stale1 < time_now {
+        return out1.wrapping_sub(out2);
+    }
+    -1
 }
 
 impl PathSelector for Hst {
@@ -190,15 +195,8 @@ impl PathSelector for Hst {
     }
 
     fn select_path(&mut self, _nr_bytes: u64, now_ns: u64) -> Option<PathIdx> {
-        let mut best: Option<(PathIdx, &PathInfo)> = None;
-        for (p, pi) in self.paths.valid() {
-            if best.is_none_or(|(_, b)| self.compare(pi, b, now_ns) < 0) {
-                best = Some((p, pi));
-            }
-        }
-        let (path, _) = best?;
-        self.paths.move_tail(path);
-        Some(path)
+        let threshold = self.threshold_multiplier;
+        self.paths.choose_best(|pi, best| hst_compare(threshold, pi, best, now_ns) < 0)
     }
 
     fn start_io(&mut self, path: PathIdx, _nr_bytes: u64, _now_ns: u64) {

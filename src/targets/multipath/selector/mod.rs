@@ -187,6 +187,21 @@ impl<T> PathLists<T> {
         self.valid.iter().filter_map(move |&p| self.info.get(&p).map(|i| (p, i)))
     }
 
+    /// The usable path the kernel's selection loops pick: the first, in list order, that no
+    /// earlier one beats (`better(a, b)`: `a` beats the best so far `b`). The chosen path moves
+    /// to the tail of the list, as every selector but round-robin's does after choosing.
+    pub(crate) fn choose_best(&mut self, better: impl Fn(&T, &T) -> bool) -> Option<PathIdx> {
+        let mut best: Option<(PathIdx, &T)> = None;
+        for (p, pi) in self.valid() {
+            if best.is_none_or(|(_, b)| better(pi, b)) {
+                best = Some((p, pi));
+            }
+        }
+        let (path, _) = best?;
+        self.move_tail(path);
+        Some(path)
+    }
+
     /// The first usable path (`valid_paths.next`).
     pub(crate) fn first_valid(&self) -> Option<PathIdx> {
         self.valid.front().copied()

@@ -97,15 +97,7 @@ impl PathSelector for ServiceTime {
     }
 
     fn select_path(&mut self, nr_bytes: u64, _now_ns: u64) -> Option<PathIdx> {
-        let mut best: Option<(PathIdx, &PathInfo)> = None;
-        for (p, pi) in self.paths.valid() {
-            if best.is_none_or(|(_, b)| compare_load(pi, b, nr_bytes) < 0) {
-                best = Some((p, pi));
-            }
-        }
-        let (path, _) = best?;
-        self.paths.move_tail(path);
-        Some(path)
+        self.paths.choose_best(|pi, best| compare_load(pi, best, nr_bytes) < 0)
     }
 
     fn start_io(&mut self, path: PathIdx, nr_bytes: u64, _now_ns: u64) {
