@@ -114,6 +114,7 @@ cat >"$W/qd1.py" <<'EOF'
 import os, random, socket, struct, sys, time
 sock_path, export, stop_file, out = sys.argv[1:5]
 s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)  # an IO that never completes fails the run instead of hanging it
 s.connect(sock_path)
 def rd(n):
     b = bytearray()
