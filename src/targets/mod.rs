@@ -6,6 +6,7 @@ pub mod dust;
 pub mod error;
 pub mod flakey;
 pub mod linear;
+pub mod mirror;
 pub mod multipath;
 mod sscanf;
 pub mod striped;
