@@ -10,6 +10,7 @@
 //!   replies, as XML dictionaries.
 
 pub mod dm_switch;
+pub mod dm_ulog;
 pub mod layout;
 pub mod linux;
 pub mod netbsd;
