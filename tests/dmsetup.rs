@@ -217,7 +217,8 @@ fn targets() {
     // init (so they come last, in reverse), module targets after them (§2.4).
     ok(
         d.dmsetup(&["targets"]),
-        "multipath        v1.15.0\n\
+        "mirror           v1.15.0\n\
+         multipath        v1.15.0\n\
          delay            v1.5.0\n\
          dust             v1.0.0\n\
          flakey           v1.5.0\n\

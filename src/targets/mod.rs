@@ -28,5 +28,6 @@ pub fn registry() -> TargetRegistry {
     r.register(&dust::TYPE);
     r.register(&delay::TYPE);
     r.register(&multipath::TYPE);
+    r.register(&mirror::TYPE);
     r
 }

@@ -1,0 +1,111 @@
+//! The `mirror` target (linux-dm-abi.md §5) through the real dmsetup and real NBD clients: resync
+//! of legs that start different, writes landing on every leg, status and table lines, constructor
+//! errors. (Issue 13 is under way: leg failures, the userspace log and the cluster log come next.)
+
+mod common;
+
+use common::{pattern, Daemon};
+use std::time::{Duration, Instant};
+
+/// 4 MiB legs, 512 KiB regions: 8 regions.
+const SECTORS: u64 = 8192;
+
+fn legs(d: &Daemon, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let f = d.file(&format!("leg{i}.img"), SECTORS);
+            std::fs::write(&f, pattern(i as u64 + 1, SECTORS as usize * 512)).unwrap();
+            f
+        })
+        .collect()
+}
+
+fn status(d: &Daemon, name: &str) -> String {
+    d.dmsetup(&["status", name]).ok().trim_end_matches('\n').to_owned()
+}
+
+/// Waits (bounded, for a broken build only) until status shows every region in sync.
+fn wait_in_sync(d: &Daemon, name: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(d, name);
+        if s.contains(" 8/8 1 ") {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no resync: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn legs_that_start_different_are_resynced_from_the_first() {
+    for n in [2usize, 3] {
+        let d = Daemon::start();
+        let files = legs(&d, n);
+        let mut table = format!("0 {SECTORS} mirror core 1 1024 {n}");
+        for f in &files {
+            table.push_str(&format!(" {f} 0"));
+        }
+        d.dmsetup(&["create", "m", "--table", &table]).ok();
+        let s = wait_in_sync(&d, "m");
+        let devs: Vec<String> =
+            d.dmsetup(&["table", "m"]).ok().split_whitespace().skip(7).step_by(2).map(str::to_owned).collect();
+        let health = "A".repeat(n);
+        assert_eq!(s, format!("0 {SECTORS} mirror {n} {} 8/8 1 {health} 1 core", devs.join(" ") + ""));
+        let first = std::fs::read(&files[0]).unwrap();
+        assert_eq!(first, pattern(1, SECTORS as usize * 512), "the source leg changed");
+        for f in &files[1..] {
+            assert!(std::fs::read(f).unwrap() == first, "leg {f} differs after resync");
+        }
+        // A write lands on every leg.
+        let src = d.path("w.bin");
+        std::fs::write(&src, pattern(99, 65536)).unwrap();
+        let cmd = format!("write -s {} 1048576 65536", src.display());
+        let o = d.run("qemu-io", &["-f", "raw", "-t", "none", "-c", &cmd, &d.nbd_uri("m")]);
+        assert!(o.code == 0 && !o.stdout.contains("failed"), "{o:#?}");
+        for f in &files {
+            assert_eq!(std::fs::read(f).unwrap()[1048576..1048576 + 65536], pattern(99, 65536)[..]);
+        }
+        assert!(d.alive());
+    }
+}
+
+#[test]
+fn nosync_table_and_status_lines() {
+    let d = Daemon::start();
+    let files = legs(&d, 2);
+    let t = format!("0 {SECTORS} mirror core 2 1024 nosync 2 {} 0 {} 0 1 handle_errors", files[0], files[1]);
+    d.dmsetup(&["create", "m", "--table", &t]).ok();
+    let table = d.dmsetup(&["table", "m"]).ok().trim_end().to_owned();
+    let devs: Vec<&str> = table.split_whitespace().collect();
+    assert_eq!(table, format!("0 {SECTORS} mirror core 2 1024 nosync 2 {} 0 {} 0 1 handle_errors", devs[8], devs[10]));
+    assert_eq!(status(&d, "m"), format!("0 {SECTORS} mirror 2 {} {} 8/8 1 AA 1 core", devs[8], devs[10]));
+    // nosync: nothing was copied.
+    assert_eq!(std::fs::read(&files[1]).unwrap(), pattern(2, SECTORS as usize * 512));
+}
+
+#[test]
+fn constructor_errors() {
+    let d = Daemon::start();
+    let f = legs(&d, 2);
+    let (a, b) = (&f[0], &f[1]);
+    for bad in [
+        String::from("core"),
+        format!("core 1 1024 1 {a} 0"),
+        format!("core 1 1024 10 {a} 0 {b} 0"),
+        format!("core 1 1024 2 {a} 0"),
+        format!("core 1 1000 2 {a} 0 {b} 0"),
+        format!("core 1 1024 2 {a} x {b} 0"),
+        format!("core 1 1024 2 {a} 0 {b} 0 1 keep_log"),
+        format!("core 1 1024 2 {a} 0 {b} 0 1 frob"),
+        format!("core 1 1024 2 {a} 0 {b} 0 2 handle_errors"),
+        format!("core 1 1024 2 {a} 0 {b} 0 1 handle_errors extra"),
+        format!("nolog 1 1024 2 {a} 0 {b} 0"),
+        format!("core 3 1024 2 {a} 0 {b} 0"),
+    ] {
+        let o = d.dmsetup(&["create", "bad", "--table", &format!("0 {SECTORS} mirror {bad}")]);
+        assert_ne!(o.code, 0, "accepted: {bad}");
+        d.dmsetup(&["remove", "bad"]);
+    }
+    assert!(d.alive());
+}
