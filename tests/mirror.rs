@@ -102,10 +102,26 @@ fn constructor_errors() {
         format!("core 1 1024 2 {a} 0 {b} 0 1 handle_errors extra"),
         format!("nolog 1 1024 2 {a} 0 {b} 0"),
         format!("core 3 1024 2 {a} 0 {b} 0"),
+        // An offset that would wrap, or a leg area past the end of its device.
+        format!("core 1 1024 2 {a} 0 {b} 18446744073709551000"),
+        format!("core 1 1024 2 {a} 0 {b} 8"),
     ] {
         let o = d.dmsetup(&["create", "bad", "--table", &format!("0 {SECTORS} mirror {bad}")]);
         assert_ne!(o.code, 0, "accepted: {bad}");
         d.dmsetup(&["remove", "bad"]);
     }
     assert!(d.alive());
+}
+
+#[test]
+fn a_short_last_region_is_copied_only_up_to_the_target_end() {
+    let d = Daemon::start();
+    let files = legs(&d, 2);
+    // 8000 sectors: the eighth region is 832 sectors, not 1024.
+    let t = format!("0 8000 mirror core 1 1024 2 {} 0 {} 0", files[0], files[1]);
+    d.dmsetup(&["create", "m", "--table", &t]).ok();
+    wait_in_sync(&d, "m");
+    let (a, b) = (std::fs::read(&files[0]).unwrap(), std::fs::read(&files[1]).unwrap());
+    assert!(a[..8000 * 512] == b[..8000 * 512], "legs differ inside the mirror");
+    assert!(b[8000 * 512..] == pattern(2, SECTORS as usize * 512)[8000 * 512..], "resync wrote past the target");
 }

@@ -88,6 +88,8 @@ struct Shared {
     legs: Vec<Leg>,
     region_size: u64,
     nr_regions: u64,
+    /// The target's length: the last region may be short.
+    len: u64,
     handle_errors: bool,
     keep_log: bool,
     services: Services,
@@ -178,6 +180,7 @@ fn ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Box<dyn Target>>
         legs,
         region_size,
         nr_regions,
+        len: ctx.len.0,
         handle_errors,
         keep_log,
         services,
@@ -233,16 +236,23 @@ impl Shared {
             tracing::warn!("mirror: log flush failed");
         }
         let in_sync = st.log.in_sync(region);
-        let sector = bio.sector().0;
-        let targets: Vec<(Arc<Pdev>, Sectors)> = if in_sync || bio.op() == Op::Flush {
-            self.legs.iter().map(|l| (l.dev.clone(), Sectors(l.offset.0.saturating_add(sector)))).collect()
-        } else {
-            let l = &self.legs[st.default_leg];
-            vec![(l.dev.clone(), Sectors(l.offset.0.saturating_add(sector)))]
-        };
+        let (sector, end) = (bio.sector().0, bio.sector().0.saturating_add(bio.sectors().0));
         let legs: Vec<usize> =
             if in_sync || bio.op() == Op::Flush { (0..self.legs.len()).collect() } else { vec![st.default_leg] };
+        // Checked: a leg whose offset would wrap takes no write (the write fails on it).
+        let targets: Option<Vec<(Arc<Pdev>, Sectors)>> = legs
+            .iter()
+            .map(|&i| {
+                let l = &self.legs[i];
+                l.offset.0.checked_add(end)?;
+                Some((l.dev.clone(), Sectors(l.offset.0 + sector)))
+            })
+            .collect();
         drop(st);
+        let Some(targets) = targets else {
+            let results = vec![Err(IoError::Range); legs.len()];
+            return self.write_done(bio, region, &legs, results);
+        };
         let me = self.clone();
         self.services.clone_to(bio, &targets, move |bio, results| me.write_done(bio, region, &legs, results));
     }
@@ -313,21 +323,24 @@ impl Shared {
 
     /// Copies a quiesced region from the default leg to the others.
     fn start_copy(self: &Arc<Self>, st: MutexGuard<'_, State>, region: u64) {
-        let start = region * self.region_size;
+        let start = region.saturating_mul(self.region_size);
         let len = self.region_size.min(self.len_sectors().saturating_sub(start));
-        let from = &self.legs[st.default_leg];
-        let job = CopyJob {
-            from: Some(Region { dev: from.dev.clone(), sector: Sectors(from.offset.0 + start), sectors: Sectors(len) }),
-            to: (0..self.legs.len())
-                .filter(|&i| i != st.default_leg)
-                .map(|i| Region {
-                    dev: self.legs[i].dev.clone(),
-                    sector: Sectors(self.legs[i].offset.0 + start),
-                    sectors: Sectors(len),
-                })
-                .collect(),
-            throttle: 100,
+        // Checked: an offset that would wrap fails the recovery instead of writing elsewhere.
+        let area = |i: usize| {
+            let l = &self.legs[i];
+            l.offset.0.checked_add(start).filter(|s| s.checked_add(len).is_some()).map(|s| Region {
+                dev: l.dev.clone(),
+                sector: Sectors(s),
+                sectors: Sectors(len),
+            })
         };
+        let from = area(st.default_leg);
+        let to: Option<Vec<Region>> = (0..self.legs.len()).filter(|&i| i != st.default_leg).map(area).collect();
+        let (Some(from), Some(to)) = (from, to) else {
+            drop(st);
+            return self.recovery_done(region, Err(IoError::Range));
+        };
+        let job = CopyJob { from: Some(from), to, throttle: 100 };
         drop(st);
         let me = Arc::downgrade(self);
         self.services.copy(job, move |r| {
@@ -338,7 +351,7 @@ impl Shared {
     }
 
     fn len_sectors(&self) -> u64 {
-        self.nr_regions * self.region_size
+        self.len
     }
 
     /// `dm_rh_recovery_end`: the region's sync state, then the writes that waited for it.
