@@ -125,3 +125,27 @@ fn a_short_last_region_is_copied_only_up_to_the_target_end() {
     assert!(a[..8000 * 512] == b[..8000 * 512], "legs differ inside the mirror");
     assert!(b[8000 * 512..] == pattern(2, SECTORS as usize * 512)[8000 * 512..], "resync wrote past the target");
 }
+
+#[test]
+fn a_disk_log_survives_a_restart_and_nothing_in_sync_is_copied_again() {
+    let mut d = Daemon::start();
+    let files = legs(&d, 2);
+    let log = d.file("log.img", 64);
+    let t = format!("0 {SECTORS} mirror disk 2 {log} 1024 2 {} 0 {} 0", files[0], files[1]);
+    d.dmsetup(&["create", "m", "--table", &t]).ok();
+    let s = wait_in_sync(&d, "m");
+    assert!(s.ends_with(" 3 disk 251:2 A") || s.contains(" 3 disk "), "{s}");
+    let disk = std::fs::read(&log).unwrap();
+    assert_eq!(&disk[0..4], b"rRiM");
+    assert_eq!(disk[1024], 0xff, "all 8 regions clean on disk");
+    // Behind the mirror's back, leg 1 changes in region 3; a restart must not copy over it (the
+    // log says region 3 is in sync), where a core log would copy everything again.
+    let mut b = std::fs::read(&files[1]).unwrap();
+    b[3 * 1024 * 512] ^= 0xff;
+    std::fs::write(&files[1], &b).unwrap();
+    d.restart_after(libc::SIGKILL);
+    let s = status(&d, "m");
+    assert!(s.contains(" 8/8 1 AA 3 disk "), "{s}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(std::fs::read(&files[1]).unwrap(), b, "an in-sync region was copied again");
+}

@@ -363,7 +363,16 @@ impl Shared {
                 let d = st.default_leg;
                 self.fail_leg(&mut st, d, SYNC_ERROR);
             }
-            st.log.set_region_sync(region, r.is_ok());
+            // `dm_rh_update_states`: a recovered region is clean (and in sync); a failed one is
+            // out of sync only when errors are handled (else it counts as in sync, as the kernel
+            // has it).
+            if r.is_ok() {
+                st.log.clear_region(region);
+            }
+            st.log.set_region_sync(region, r.is_ok() || !self.handle_errors);
+            if st.log.flush().is_err() {
+                tracing::warn!("mirror: log flush failed");
+            }
             st.recovering = None;
             std::mem::take(&mut st.delayed)
         };
