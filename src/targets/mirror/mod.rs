@@ -110,8 +110,8 @@ fn ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Box<dyn Target>>
     if argv.len() < 2 {
         return Err(invalid!("Insufficient mirror log arguments"));
     }
-    let log_argc = crate::targets::multipath::selector::scan_u32(&argv[1])
-        .ok_or_else(|| invalid!("Invalid mirror log argument count"))? as usize;
+    let log_argc =
+        crate::targets::sscanf::u(&argv[1]).ok_or_else(|| invalid!("Invalid mirror log argument count"))? as usize;
     let used = 2 + log_argc;
     if argv.len() < used {
         return Err(invalid!("Insufficient mirror log arguments"));
@@ -121,7 +121,7 @@ fn ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Box<dyn Target>>
     let rest = &argv[used..];
     let nr = rest
         .first()
-        .and_then(|w| crate::targets::multipath::selector::scan_u32(w))
+        .and_then(|w| crate::targets::sscanf::u(w))
         .map(|n| n as usize)
         .filter(|n| (2..=MAX_LEGS).contains(n))
         .ok_or_else(|| invalid!("Invalid number of mirrors"))?;
@@ -141,8 +141,7 @@ fn ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Box<dyn Target>>
     let mut rest = &rest[nr * 2..];
     let (mut handle_errors, mut keep_log) = (false, false);
     if let Some(first) = rest.first() {
-        let n = crate::targets::multipath::selector::scan_u32(first)
-            .ok_or_else(|| invalid!("Invalid number of features"))? as usize;
+        let n = crate::targets::sscanf::u(first).ok_or_else(|| invalid!("Invalid number of features"))? as usize;
         rest = &rest[1..];
         if n > rest.len() {
             return Err(invalid!("Not enough arguments to support feature count"));

@@ -145,7 +145,7 @@ impl<'a> Args<'a> {
     }
     /// `dm_read_arg`: a decimal number within `[min, max]`, else EINVAL with `error`.
     fn read(&mut self, min: u32, max: u32, error: &str) -> DmResult<u32> {
-        let v = self.shift().and_then(|w| selector::scan_u32(w)).filter(|v| (min..=max).contains(v));
+        let v = self.shift().and_then(|w| crate::targets::sscanf::u(w)).filter(|v| (min..=max).contains(v));
         v.ok_or_else(|| invalid!("{error}"))
     }
     /// `dm_read_arg_group`: a count that the remaining words must cover.
@@ -797,7 +797,7 @@ impl Multipath {
 
     /// `bypass_pg_num` / `switch_pg_num`'s group number: 1..=#groups.
     fn group_arg(st: &State, word: &str) -> DmResult<usize> {
-        match selector::scan_u32(word) {
+        match crate::targets::sscanf::u(word) {
             Some(n) if n >= 1 && (n as usize) <= st.groups.len() => Ok(n as usize - 1),
             _ => {
                 tracing::warn!("multipath: invalid PG number supplied to {word:?}");

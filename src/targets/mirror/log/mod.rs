@@ -118,7 +118,7 @@ fn region_args(args: &[String], target_len: u64) -> DmResult<(u32, SyncMode)> {
         return Err(invalid!("wrong number of arguments to dirty region log"));
     }
     let sync = SyncMode::parse(args.get(1))?;
-    let region_size = crate::targets::multipath::selector::scan_u32(&args[0])
+    let region_size = crate::targets::sscanf::u(&args[0])
         .filter(|&r| r >= 2 && u64::from(r) <= target_len && r.is_power_of_two())
         .ok_or_else(|| {
             tracing::warn!("invalid region size {}", args[0]);

@@ -13,7 +13,7 @@
 //! `base^(n+1)`, the last bucket 0. Times are the `now_ns`/`start_ns` the target passes. The
 //! arithmetic is the kernel's, wrapping where its C wraps and with its signed/unsigned mix.
 
-use super::{bad, scan_u32, PathIdx, PathLists, PathSelector};
+use super::{bad, PathIdx, PathLists, PathSelector};
 use crate::dm::{DmResult, StatusType};
 
 /// Bits of fraction in the fixed-point values.
@@ -92,11 +92,11 @@ impl Hst {
         }
         let mut base_weight = FIXED_95;
         if let Some(word) = args.first() {
-            base_weight = scan_u32(word).filter(|&b| u64::from(b) < FIXED_1).ok_or_else(fail)?;
+            base_weight = crate::targets::sscanf::u(word).filter(|&b| u64::from(b) < FIXED_1).ok_or_else(fail)?;
         }
         let mut threshold_multiplier = 0;
         if let Some(word) = args.get(1) {
-            threshold_multiplier = scan_u32(word).ok_or_else(fail)?;
+            threshold_multiplier = crate::targets::sscanf::u(word).ok_or_else(fail)?;
         }
         let mut weights = [0u32; WEIGHT_COUNT];
         for (i, w) in weights.iter_mut().enumerate().take(WEIGHT_COUNT - 1) {
@@ -277,8 +277,8 @@ mod tests {
         assert_eq!(hst("", 0).status(None, StatusType::Info), "2 972 0 ");
         assert_eq!(hst("0", 0).status(None, StatusType::Info), "2 0 0 ");
         assert_eq!(hst("1023 5", 0).status(None, StatusType::Table), "2 1023 5 ");
-        assert_eq!(hst("+7 4294967295", 0).status(None, StatusType::Table), "2 7 4294967295 ");
-        for bad in ["1024", "x", "1 2 3", "500 y", "-1", "972 1.5"] {
+        assert_eq!(hst("7 4294967295", 0).status(None, StatusType::Table), "2 7 4294967295 ");
+        for bad in ["1024", "x", "1 2 3", "500 y", "-1", "+7", "972 1.5"] {
             let e = create(&words(bad)).err().unwrap_or_else(|| panic!("{bad:?} accepted"));
             assert_eq!(err_text(e), "path selector constructor failed", "{bad:?}");
         }

@@ -71,24 +71,6 @@ pub fn create(name: &str, args: &[String]) -> DmResult<Option<Box<dyn PathSelect
     }))
 }
 
-/// `sscanf(s, "%u%c")` == 1: a decimal unsigned 32-bit number and nothing after it (leading
-/// whitespace and a sign are accepted as glibc/kernel sscanf accept them).
-pub(crate) fn scan_u32(s: &str) -> Option<u32> {
-    let t = s.trim_start();
-    let (neg, d) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
-    };
-    if d.is_empty() || !d.bytes().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    // The kernel's %u wraps as an unsigned long conversion truncated to 32 bits.
-    let v = d.parse::<u64>().ok()?;
-    let v = v as u32;
-    Some(if neg { v.wrapping_neg() } else { v })
-}
-
 /// EINVAL with a selector's error text, as `*error = "..."; return -EINVAL`.
 pub(crate) fn bad(text: &str) -> crate::dm::DmError {
     invalid!("{text}")
@@ -104,7 +86,7 @@ pub(crate) fn repeat_count(args: &[String], max_args: usize, who: &str, clamp: b
     }
     let mut count = 1;
     if let Some(word) = args.first() {
-        count = scan_u32(word).ok_or_else(|| bad(&format!("{who} ps: invalid repeat count")))?;
+        count = crate::targets::sscanf::u(word).ok_or_else(|| bad(&format!("{who} ps: invalid repeat count")))?;
     }
     if clamp && count > 1 {
         tracing::warn!("multipath {who}: repeat_count > 1 is deprecated, using 1 instead");

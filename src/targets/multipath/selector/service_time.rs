@@ -7,7 +7,7 @@
 //! `atomic_t`, widened with its sign to 64 bits, and every 64-bit difference is truncated to the
 //! 32-bit `int` the kernel returns. The chosen path moves to the tail of the list.
 
-use super::{bad, repeat_count, scan_u32, PathIdx, PathLists, PathSelector};
+use super::{bad, repeat_count, PathIdx, PathLists, PathSelector};
 use crate::dm::{DmResult, StatusType};
 
 /// The largest relative throughput.
@@ -79,7 +79,7 @@ impl PathSelector for ServiceTime {
         let repeat_count = repeat_count(args, 2, "service-time", true)?;
         let mut relative_throughput = 1;
         if let Some(word) = args.get(1) {
-            relative_throughput = scan_u32(word)
+            relative_throughput = crate::targets::sscanf::u(word)
                 .filter(|&t| t <= MAX_RELATIVE_THROUGHPUT)
                 .ok_or_else(|| bad("service-time ps: invalid relative_throughput value"))?;
         }
