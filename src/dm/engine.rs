@@ -480,6 +480,9 @@ impl Engine {
         }
         if let Some(t) = &d.live {
             if !std::mem::take(&mut d.presuspended) {
+                if opts.noflush {
+                    self.plane.begin_noflush(m);
+                }
                 t.presuspend(opts.noflush);
             }
             t.postsuspend();
@@ -504,6 +507,9 @@ impl Engine {
         }
         if let Some(t) = &d.live {
             if !d.presuspended {
+                if opts.noflush {
+                    self.plane.begin_noflush(m);
+                }
                 t.presuspend(opts.noflush);
                 d.presuspended = true;
             }

@@ -387,6 +387,15 @@ impl DataPlane {
         held.into_iter().for_each(|b| b.end(Err(IoError::NoDevice)));
     }
 
+    /// A noflush suspend is starting (the kernel sets `DMF_NOFLUSH_SUSPENDING` before the targets'
+    /// `presuspend`): IO a target requeues from now on waits for the resume, even IO a presuspend
+    /// hands back before the drain begins.
+    pub fn begin_noflush(&self, minor: u32) {
+        if let Some(dev) = self.device(minor) {
+            dev.state().noflush = true;
+        }
+    }
+
     /// The kernel's suspend, after the targets' `presuspend`: stop admitting IO, wait for what is
     /// in flight, then (unless `noflush`) flush the table, so everything written before the
     /// suspend is durable. The engine's postsuspend runs afterwards. `interrupted` is asked
