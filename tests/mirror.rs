@@ -149,3 +149,34 @@ fn a_disk_log_survives_a_restart_and_nothing_in_sync_is_copied_again() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(std::fs::read(&files[1]).unwrap(), b, "an in-sync region was copied again");
 }
+
+#[test]
+fn a_failing_leg_is_marked_and_io_goes_on_with_the_healthy_one() {
+    let d = Daemon::start();
+    let files = legs(&d, 2);
+    // Leg 0 is a dmemu device over the first file, so it can be made to fail.
+    d.dmsetup(&["create", "l0", "--table", &format!("0 {SECTORS} linear {} 0", files[0])]).ok();
+    let l0 = d.dev_num("l0");
+    let t = format!("0 {SECTORS} mirror core 2 1024 nosync 2 {l0} 0 {} 0 1 handle_errors", files[1]);
+    d.dmsetup(&["create", "m", "--table", &t]).ok();
+    let e0: u64 = d.dmsetup(&["info", "-c", "--noheadings", "-o", "events", "m"]).ok().trim().parse().unwrap();
+    d.dmsetup(&["load", "l0", "--table", &format!("0 {SECTORS} error")]).ok();
+    d.dmsetup(&["resume", "l0"]).ok();
+    // The write fails on leg 0 and lands on leg 1: no error for the client.
+    let src = d.path("w.bin");
+    std::fs::write(&src, pattern(7, 4096)).unwrap();
+    let cmd = format!("write -s {} 0 4096", src.display());
+    let o = d.run("qemu-io", &["-f", "raw", "-t", "none", "-c", &cmd, &d.nbd_uri("m")]);
+    assert!(o.code == 0 && !o.stdout.contains("failed"), "{o:#?}");
+    assert_eq!(std::fs::read(&files[1]).unwrap()[..4096], pattern(7, 4096)[..]);
+    // Leg 0 shows D (write error), region 0 is out of sync, and an event was raised.
+    let s = status(&d, "m");
+    assert!(s.contains(" 7/8 1 DA 1 core"), "{s}");
+    d.dmsetup(&["wait", "m", &e0.to_string()]).ok();
+    // Reads are served by the healthy leg (the default moved off the failed one).
+    let copy = d.path("copy.img");
+    d.run("nbdcopy", &[&d.nbd_uri("m"), copy.to_str().unwrap()]).ok();
+    assert_eq!(std::fs::read(&copy).unwrap()[..4096], pattern(7, 4096)[..]);
+    // The recovery of region 0 failed writing leg 0 (S, shown under its D): still 7/8 in sync.
+    assert!(status(&d, "m").contains(" 7/8 1 DA 1 core"), "{}", status(&d, "m"));
+}

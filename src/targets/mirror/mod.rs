@@ -100,6 +100,12 @@ pub struct Mirror {
     shared: Arc<Shared>,
 }
 
+/// How a region's recovery went (kcopyd's read error and per-destination write errors).
+struct Recovery {
+    read_error: bool,
+    write_errors: Vec<usize>,
+}
+
 /// Per-bio data from `map` to `end_io`: which leg a read went to.
 struct ReadIo {
     leg: usize,
@@ -333,34 +339,73 @@ impl Shared {
                 sectors: Sectors(len),
             })
         };
-        let from = area(st.default_leg);
-        let to: Option<Vec<Region>> = (0..self.legs.len()).filter(|&i| i != st.default_leg).map(area).collect();
-        let (Some(from), Some(to)) = (from, to) else {
-            drop(st);
-            return self.recovery_done(region, Err(IoError::Range));
-        };
-        let job = CopyJob { from: Some(from), to, throttle: 100 };
+        let src = st.default_leg;
+        let from = area(src);
+        let to: Option<Vec<(usize, Region)>> =
+            (0..self.legs.len()).filter(|&i| i != src).map(|i| area(i).map(|r| (i, r))).collect();
         drop(st);
-        let me = Arc::downgrade(self);
-        self.services.copy(job, move |r| {
-            if let Some(me) = me.upgrade() {
-                me.recovery_done(region, r);
-            }
-        });
+        let (Some(from), Some(to)) = (from, to) else {
+            return self.recovery_done(region, Recovery { read_error: true, write_errors: Vec::new() });
+        };
+        // One kcopyd job per destination, so a failure names its leg (the kernel's kcopyd reports
+        // a read error and a bit per destination).
+        struct Copies {
+            left: usize,
+            failed: Vec<usize>,
+        }
+        let copies = Arc::new(Mutex::new(Copies { left: to.len(), failed: Vec::new() }));
+        for (leg, dest) in to {
+            let job = CopyJob { from: Some(from.clone()), to: vec![dest], throttle: 100 };
+            let (me, copies, from) = (Arc::downgrade(self), copies.clone(), from.clone());
+            self.services.copy(job, move |r| {
+                let mut c = copies.lock().unwrap_or_else(|p| p.into_inner());
+                if r.is_err() {
+                    c.failed.push(leg);
+                }
+                c.left -= 1;
+                if c.left > 0 {
+                    return;
+                }
+                let failed = std::mem::take(&mut c.failed);
+                drop(c);
+                let Some(me) = me.upgrade() else { return };
+                let outcome = if failed.is_empty() {
+                    Recovery { read_error: false, write_errors: failed }
+                } else {
+                    // Which side failed: the source is read again (its first sector).
+                    let mut sector = vec![0u8; 512];
+                    let probe = Region { dev: from.dev.clone(), sector: from.sector, sectors: Sectors(1) };
+                    let read_ok = me.services.io_sync(Op::Read, Default::default(), &probe, &mut sector).is_ok();
+                    if read_ok {
+                        Recovery { read_error: false, write_errors: failed }
+                    } else {
+                        Recovery { read_error: true, write_errors: Vec::new() }
+                    }
+                };
+                me.recovery_done(region, outcome);
+            });
+        }
     }
 
     fn len_sectors(&self) -> u64 {
         self.len
     }
 
-    /// `dm_rh_recovery_end`: the region's sync state, then the writes that waited for it.
-    fn recovery_done(self: &Arc<Self>, region: u64, r: IoResult) {
+    /// `recovery_complete` and `dm_rh_recovery_end`: the legs to blame, the region's sync state,
+    /// then the writes that waited for it.
+    fn recovery_done(self: &Arc<Self>, region: u64, outcome: Recovery) {
+        let ok = !outcome.read_error && outcome.write_errors.is_empty();
+        let r: IoResult = if ok { Ok(()) } else { Err(IoError::Failed) };
         let delayed = {
             let mut st = self.lock();
-            if r.is_err() {
-                tracing::warn!("mirror: recovery of region {region} failed");
+            if outcome.read_error {
+                tracing::warn!("mirror: Unable to read primary mirror during recovery of region {region}");
                 let d = st.default_leg;
                 self.fail_leg(&mut st, d, SYNC_ERROR);
+            }
+            for leg in outcome.write_errors {
+                tracing::warn!("mirror: Write error during recovery of region {region}");
+                self.fail_leg(&mut st, leg, SYNC_ERROR);
             }
             // `dm_rh_update_states`: a recovered region is clean (and in sync); a failed one is
             // out of sync only when errors are handled (else it counts as in sync, as the kernel
