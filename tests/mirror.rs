@@ -180,3 +180,23 @@ fn a_failing_leg_is_marked_and_io_goes_on_with_the_healthy_one() {
     // The recovery of region 0 failed writing leg 0 (S, shown under its D): still 7/8 in sync.
     assert!(status(&d, "m").contains(" 7/8 1 DA 1 core"), "{}", status(&d, "m"));
 }
+
+#[test]
+fn suspend_stops_recovery_and_resume_finishes_it() {
+    let d = Daemon::start();
+    let files = legs(&d, 2);
+    let t = format!("0 {SECTORS} mirror core 1 8 2 {} 0 {} 0", files[0], files[1]);
+    d.dmsetup(&["create", "m", "--table", &t]).ok();
+    // Small regions: 1024 of them, so suspends land in the middle of the resync.
+    for _ in 0..5 {
+        d.dmsetup(&["suspend", "m"]).ok();
+        d.dmsetup(&["resume", "m"]).ok();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !status(&d, "m").contains(" 1024/1024 1 AA ") {
+        assert!(Instant::now() < deadline, "no resync: {}", status(&d, "m"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(std::fs::read(&files[0]).unwrap() == std::fs::read(&files[1]).unwrap(), "legs differ");
+    assert_eq!(std::fs::read(&files[0]).unwrap(), pattern(1, SECTORS as usize * 512));
+}

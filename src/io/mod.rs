@@ -26,7 +26,7 @@ pub use bio::{Bio, BioFlags, Op};
 use core::{Completion, Frame, Work};
 pub use leaf::{discard_from_pipe, read_pipe, Backing, Extent, OpenError};
 use leaf::{file_extents, push_extent, EXTENT_STEPS};
-pub use services::{CopyJob, Region, Services, TimerId};
+pub use services::{CopyJob, CopyProgress, Region, Services, TimerId};
 
 use crate::dm::pdev::{Pdev, PdevKind};
 use crate::dm::stats::StatsSet;

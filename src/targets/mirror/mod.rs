@@ -19,14 +19,15 @@ pub mod log;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use self::log::{DirtyLog, LogCtx};
 use crate::dm::pdev::Pdev;
 use crate::dm::target::{parse_sectors, CtorCtx, EndIo, Features, Map, Target, TargetType, TypeFlags};
 use crate::dm::{DmError, DmResult, Sectors, StatusType};
 use crate::invalid;
-use crate::io::{Bio, CopyJob, IoError, IoResult, Op, Region, Services};
+use crate::io::{Bio, CopyJob, CopyProgress, IoError, IoResult, Op, Region, Services};
 
 pub static TYPE: TargetType = TargetType { name: "mirror", version: [1, 15, 0], ctor, flags: TypeFlags::empty() };
 
@@ -81,10 +82,16 @@ struct State {
     in_sync: bool,
     /// Recovery may run (between resume and presuspend).
     recovery_allowed: bool,
+    /// Copy jobs of the region being recovered that have not completed, and their progress
+    /// (to cancel them on suspend).
+    copies: Vec<Arc<CopyProgress>>,
+    copies_in_flight: usize,
 }
 
 struct Shared {
     state: Mutex<State>,
+    /// Signalled when the last copy job of a recovery completes.
+    copies_done: Condvar,
     legs: Vec<Leg>,
     region_size: u64,
     nr_regions: u64,
@@ -104,6 +111,8 @@ pub struct Mirror {
 struct Recovery {
     read_error: bool,
     write_errors: Vec<usize>,
+    /// Stopped by a suspend: nobody is to blame, and the region stays out of sync.
+    cancelled: bool,
 }
 
 /// Per-bio data from `map` to `end_io`: which leg a read went to.
@@ -178,10 +187,13 @@ fn ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Box<dyn Target>>
         delayed: Vec::new(),
         in_sync: false,
         recovery_allowed: false,
+        copies: Vec::new(),
+        copies_in_flight: 0,
     };
     let services = ctx.services();
     let shared = Arc::new_cyclic(|me| Shared {
         state: Mutex::new(state),
+        copies_done: Condvar::new(),
         legs,
         region_size,
         nr_regions,
@@ -345,45 +357,64 @@ impl Shared {
             (0..self.legs.len()).filter(|&i| i != src).map(|i| area(i).map(|r| (i, r))).collect();
         drop(st);
         let (Some(from), Some(to)) = (from, to) else {
-            return self.recovery_done(region, Recovery { read_error: true, write_errors: Vec::new() });
+            return self
+                .recovery_done(region, Recovery { read_error: true, write_errors: Vec::new(), cancelled: false });
         };
+        self.lock().copies_in_flight += to.len();
         // One kcopyd job per destination, so a failure names its leg (the kernel's kcopyd reports
         // a read error and a bit per destination).
         struct Copies {
             left: usize,
             failed: Vec<usize>,
+            cancelled: bool,
         }
-        let copies = Arc::new(Mutex::new(Copies { left: to.len(), failed: Vec::new() }));
+        let copies = Arc::new(Mutex::new(Copies { left: to.len(), failed: Vec::new(), cancelled: false }));
         for (leg, dest) in to {
             let job = CopyJob { from: Some(from.clone()), to: vec![dest], throttle: 100 };
             let (me, copies, from) = (Arc::downgrade(self), copies.clone(), from.clone());
-            self.services.copy(job, move |r| {
+            let progress = self.services.copy(job, move |r| {
+                if let Some(me) = me.upgrade() {
+                    me.copy_finished();
+                }
                 let mut c = copies.lock().unwrap_or_else(|p| p.into_inner());
-                if r.is_err() {
+                if r == Err(IoError::Os(libc::EINTR)) {
+                    c.cancelled = true;
+                } else if r.is_err() {
                     c.failed.push(leg);
                 }
                 c.left -= 1;
                 if c.left > 0 {
                     return;
                 }
-                let failed = std::mem::take(&mut c.failed);
+                let (failed, cancelled) = (std::mem::take(&mut c.failed), c.cancelled);
                 drop(c);
                 let Some(me) = me.upgrade() else { return };
-                let outcome = if failed.is_empty() {
-                    Recovery { read_error: false, write_errors: failed }
+                let outcome = if failed.is_empty() || cancelled {
+                    Recovery { read_error: false, write_errors: failed, cancelled }
                 } else {
                     // Which side failed: the source is read again (its first sector).
                     let mut sector = vec![0u8; 512];
                     let probe = Region { dev: from.dev.clone(), sector: from.sector, sectors: Sectors(1) };
                     let read_ok = me.services.io_sync(Op::Read, Default::default(), &probe, &mut sector).is_ok();
                     if read_ok {
-                        Recovery { read_error: false, write_errors: failed }
+                        Recovery { read_error: false, write_errors: failed, cancelled }
                     } else {
-                        Recovery { read_error: true, write_errors: Vec::new() }
+                        Recovery { read_error: true, write_errors: Vec::new(), cancelled }
                     }
                 };
                 me.recovery_done(region, outcome);
             });
+            self.lock().copies.push(progress);
+        }
+    }
+
+    /// One copy job of the current recovery has completed.
+    fn copy_finished(&self) {
+        let mut st = self.lock();
+        st.copies_in_flight = st.copies_in_flight.saturating_sub(1);
+        if st.copies_in_flight == 0 {
+            st.copies.clear();
+            self.copies_done.notify_all();
         }
     }
 
@@ -394,7 +425,7 @@ impl Shared {
     /// `recovery_complete` and `dm_rh_recovery_end`: the legs to blame, the region's sync state,
     /// then the writes that waited for it.
     fn recovery_done(self: &Arc<Self>, region: u64, outcome: Recovery) {
-        let ok = !outcome.read_error && outcome.write_errors.is_empty();
+        let ok = !outcome.read_error && outcome.write_errors.is_empty() && !outcome.cancelled;
         let r: IoResult = if ok { Ok(()) } else { Err(IoError::Failed) };
         let delayed = {
             let mut st = self.lock();
@@ -413,7 +444,7 @@ impl Shared {
             if r.is_ok() {
                 st.log.clear_region(region);
             }
-            st.log.set_region_sync(region, r.is_ok() || !self.handle_errors);
+            st.log.set_region_sync(region, r.is_ok() || (!self.handle_errors && !outcome.cancelled));
             if st.log.flush().is_err() {
                 tracing::warn!("mirror: log flush failed");
             }
@@ -537,8 +568,25 @@ impl Target for Mirror {
         }
     }
 
+    /// `dm_rh_stop_recovery`: no new recovery; the one under way is cancelled after its current
+    /// chunk and waited for, so no copy of the old table writes a leg after the suspend. The
+    /// wait is bounded (5 s): a copy stuck on a suspended leg must not hold the engine.
     fn presuspend(&self, _noflush: bool) {
-        self.shared.lock().recovery_allowed = false;
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        st.recovery_allowed = false;
+        for p in &st.copies {
+            p.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while st.copies_in_flight > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!("mirror: recovery still copying at suspend; not waiting longer");
+                break;
+            }
+            st = sh.copies_done.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
     }
 
     fn postsuspend(&self) {
