@@ -150,35 +150,69 @@ fn a_disk_log_survives_a_restart_and_nothing_in_sync_is_copied_again() {
     assert_eq!(std::fs::read(&files[1]).unwrap(), b, "an in-sync region was copied again");
 }
 
-#[test]
-fn a_failing_leg_is_marked_and_io_goes_on_with_the_healthy_one() {
-    let d = Daemon::start();
-    let files = legs(&d, 2);
-    // Leg 0 is a dmemu device over the first file, so it can be made to fail.
+/// Leg 0 a dmemu device over the first file (so it can be made to fail), leg 1 the second file.
+fn mirror_with_failing_leg(d: &Daemon, features: &str) -> (Vec<String>, String) {
+    let files = legs(d, 2);
     d.dmsetup(&["create", "l0", "--table", &format!("0 {SECTORS} linear {} 0", files[0])]).ok();
     let l0 = d.dev_num("l0");
-    let t = format!("0 {SECTORS} mirror core 2 1024 nosync 2 {l0} 0 {} 0 1 handle_errors", files[1]);
+    let t = format!("0 {SECTORS} mirror core 2 1024 nosync 2 {l0} 0 {} 0{features}", files[1]);
     d.dmsetup(&["create", "m", "--table", &t]).ok();
-    let e0: u64 = d.dmsetup(&["info", "-c", "--noheadings", "-o", "events", "m"]).ok().trim().parse().unwrap();
     d.dmsetup(&["load", "l0", "--table", &format!("0 {SECTORS} error")]).ok();
     d.dmsetup(&["resume", "l0"]).ok();
-    // The write fails on leg 0 and lands on leg 1: no error for the client.
+    (files, l0)
+}
+
+fn qemu_write(d: &Daemon, data: &[u8]) -> std::process::Child {
     let src = d.path("w.bin");
-    std::fs::write(&src, pattern(7, 4096)).unwrap();
-    let cmd = format!("write -s {} 0 4096", src.display());
-    let o = d.run("qemu-io", &["-f", "raw", "-t", "none", "-c", &cmd, &d.nbd_uri("m")]);
-    assert!(o.code == 0 && !o.stdout.contains("failed"), "{o:#?}");
+    std::fs::write(&src, data).unwrap();
+    let cmd = format!("write -s {} 0 {}", src.display(), data.len());
+    std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-t", "none", "-c", &cmd, &d.nbd_uri("m")])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn without_handle_errors_a_failing_leg_is_marked_and_io_goes_on() {
+    let d = Daemon::start();
+    let (files, _) = mirror_with_failing_leg(&d, "");
+    let out = qemu_write(&d, &pattern(7, 4096)).wait_with_output().unwrap();
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
     assert_eq!(std::fs::read(&files[1]).unwrap()[..4096], pattern(7, 4096)[..]);
-    // Leg 0 shows D (write error), region 0 is out of sync, and an event was raised.
-    let s = status(&d, "m");
-    assert!(s.contains(" 7/8 1 DA 1 core"), "{s}");
+    // Leg 0 shows D (write error). Region 0 went out of sync; the default leg stays leg 0 (no
+    // handle_errors), so its recovery fails reading it, and a failed recovery without
+    // handle_errors counts as in sync (the kernel's `complete_resync_work(reg, 1)`).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !status(&d, "m").contains(" 8/8 1 DA 1 core") {
+        assert!(Instant::now() < deadline, "{}", status(&d, "m"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn with_handle_errors_the_write_is_held_until_a_noflush_reload_repairs_the_mirror() {
+    let d = Daemon::start();
+    let (files, _) = mirror_with_failing_leg(&d, " 1 handle_errors");
+    let e0: u64 = d.dmsetup(&["info", "-c", "--noheadings", "-o", "events", "m"]).ok().trim().parse().unwrap();
+    let mut w = qemu_write(&d, &pattern(8, 4096));
+    // The leg failure raises an event; the write waits for userspace.
     d.dmsetup(&["wait", "m", &e0.to_string()]).ok();
-    // Reads are served by the healthy leg (the default moved off the failed one).
-    let copy = d.path("copy.img");
-    d.run("nbdcopy", &[&d.nbd_uri("m"), copy.to_str().unwrap()]).ok();
-    assert_eq!(std::fs::read(&copy).unwrap()[..4096], pattern(7, 4096)[..]);
-    // The recovery of region 0 failed writing leg 0 (S, shown under its D): still 7/8 in sync.
-    assert!(status(&d, "m").contains(" 7/8 1 DA 1 core"), "{}", status(&d, "m"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(w.try_wait().unwrap().is_none(), "a write was completed with a failed leg");
+    assert!(status(&d, "m").contains(" 1 DA 1 core"), "{}", status(&d, "m"));
+    // What dmeventd does: a new table without the failed leg (here a fresh file in its place),
+    // loaded and swapped in with a noflush suspend; the held write is requeued into it.
+    let spare = d.file("spare.img", SECTORS);
+    let t = format!("0 {SECTORS} mirror core 2 1024 nosync 2 {} 0 {spare} 0 1 handle_errors", files[1]);
+    d.dmsetup(&["load", "m", "--table", &t]).ok();
+    d.dmsetup(&["suspend", "--noflush", "m"]).ok();
+    d.dmsetup(&["resume", "m"]).ok();
+    let out = w.wait_with_output().unwrap();
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
+    assert_eq!(std::fs::read(&files[1]).unwrap()[..4096], pattern(8, 4096)[..]);
+    assert_eq!(std::fs::read(&spare).unwrap()[..4096], pattern(8, 4096)[..]);
 }
 
 #[test]

@@ -12,8 +12,10 @@
 //!
 //! Status counts `<in-sync regions>/<regions>` live, with a health letter per leg.
 //!
-//! Not yet as the kernel (issue 13 is under way): `handle_errors` is parsed and shown but a failed
-//! leg's writes are not held for userspace; the `userspace` log type is not served yet.
+//! A write that fails on a leg: with no healthy leg left it fails; with `handle_errors` it is held
+//! until the next suspend (requeued by a noflush one, for the repaired table; failed otherwise), as
+//! dmeventd expects; without, it counts as done (the kernel's choice). Not yet served: the
+//! `userspace` and cluster log types.
 
 pub mod log;
 
@@ -86,6 +88,12 @@ struct State {
     /// (to cancel them on suspend).
     copies: Vec<Arc<CopyProgress>>,
     copies_in_flight: usize,
+    /// Writes that failed on a leg, held for userspace to repair the mirror (`handle_errors`):
+    /// released by the next suspend (`hold_bio`).
+    holds: Vec<Bio>,
+    /// Between presuspend and resume, and whether that suspend is a noflush one.
+    suspending: bool,
+    noflush: bool,
 }
 
 struct Shared {
@@ -189,6 +197,9 @@ fn ctor(ctx: &mut CtorCtx<'_, '_>, argv: &[String]) -> DmResult<Box<dyn Target>>
         recovery_allowed: false,
         copies: Vec::new(),
         copies_in_flight: 0,
+        holds: Vec::new(),
+        suspending: false,
+        noflush: false,
     };
     let services = ctx.services();
     let shared = Arc::new_cyclic(|me| Shared {
@@ -310,8 +321,30 @@ impl Shared {
         } else {
             drop(st);
         }
-        let result = if failed == legs.len() { Err(IoError::Failed) } else { Ok(()) };
-        bio.end(result);
+        if failed == 0 {
+            return bio.end(Ok(()));
+        }
+        // `do_failures`: no healthy leg left, fail it; errors handled, hold it for userspace
+        // (dmeventd) to repair the mirror; otherwise the write counts as done, as the kernel has it.
+        let any_valid = self.legs.iter().any(Leg::ok);
+        if !any_valid {
+            return bio.end(Err(IoError::Failed));
+        }
+        if self.handle_errors && !self.keep_log {
+            return self.hold(bio);
+        }
+        bio.end(Ok(()))
+    }
+
+    /// `hold_bio`: kept until the next suspend, which requeues it (noflush) or fails it.
+    fn hold(&self, bio: Bio) {
+        let mut st = self.lock();
+        if st.suspending {
+            let r = if st.noflush { IoError::Requeue } else { IoError::Failed };
+            drop(st);
+            return bio.end(Err(r));
+        }
+        st.holds.push(bio);
     }
 
     /// Starts the next region's recovery if none is under way (`do_recovery`).
@@ -571,10 +604,19 @@ impl Target for Mirror {
     /// `dm_rh_stop_recovery`: no new recovery; the one under way is cancelled after its current
     /// chunk and waited for, so no copy of the old table writes a leg after the suspend. The
     /// wait is bounded (5 s): a copy stuck on a suspended leg must not hold the engine.
-    fn presuspend(&self, _noflush: bool) {
+    fn presuspend(&self, noflush: bool) {
         let sh = &self.shared;
         let mut st = sh.lock();
         st.recovery_allowed = false;
+        st.suspending = true;
+        st.noflush = noflush;
+        let holds = std::mem::take(&mut st.holds);
+        drop(st);
+        let r = if noflush { IoError::Requeue } else { IoError::Failed };
+        for bio in holds {
+            bio.end(Err(r));
+        }
+        let mut st = sh.lock();
         for p in &st.copies {
             p.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -589,6 +631,10 @@ impl Target for Mirror {
         }
     }
 
+    fn presuspend_undo(&self) {
+        self.resume();
+    }
+
     fn postsuspend(&self) {
         self.shared.lock().log.postsuspend();
     }
@@ -601,7 +647,11 @@ impl Target for Mirror {
     }
 
     fn resume(&self) {
-        self.shared.lock().recovery_allowed = true;
+        let mut st = self.shared.lock();
+        st.recovery_allowed = true;
+        st.suspending = false;
+        st.noflush = false;
+        drop(st);
         if let Some(me) = self.shared.me.upgrade() {
             self.shared.services.queue_work(move || me.kick_recovery());
         }
