@@ -213,3 +213,154 @@ mod tests {
         assert_eq!(DmUlogRequest::read_from_bytes(b).unwrap(), r);
     }
 }
+
+/// The most regions one MARK_REGION / CLEAR_REGION request carries (dm-log-userspace-base.c
+/// groups them 32 at a time, well inside [`DM_ULOG_MAX_PAYLOAD`]).
+pub const MAX_REGIONS_PER_REQUEST: usize = 32;
+
+/// Why a request could not be built or a reply read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UlogError {
+    /// The payload exceeds the 332 bytes the kernel's buffer leaves (`EINVAL`).
+    #[error("payload of {0} bytes exceeds the {DM_ULOG_MAX_PAYLOAD}-byte bound")]
+    TooBig(usize),
+    /// A reply shorter than its fixed layout, or with bytes left over.
+    #[error("malformed reply payload")]
+    Malformed,
+}
+
+/// One request: header fields and payload, for either generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UlogMessage {
+    pub luid: u64,
+    pub uuid: Vec<u8>,
+    pub error: i32,
+    pub seq: u32,
+    pub request: LogRequest,
+    pub data: Vec<u8>,
+}
+
+impl UlogMessage {
+    /// The request's bytes in `g`'s layout: header, then payload (at most
+    /// [`DM_ULOG_MAX_PAYLOAD`]; the uuid is cut to 128 bytes and NUL-terminated).
+    pub fn encode(&self, g: Generation) -> Result<Vec<u8>, UlogError> {
+        if self.data.len() > DM_ULOG_MAX_PAYLOAD {
+            return Err(UlogError::TooBig(self.data.len()));
+        }
+        let mut uuid = [0u8; DM_UUID_LEN];
+        let n = self.uuid.len().min(DM_UUID_LEN - 1);
+        uuid[..n].copy_from_slice(&self.uuid[..n]);
+        let data_size = self.data.len() as u32;
+        let mut out = match g {
+            Generation::Ulog => DmUlogRequest {
+                luid: self.luid,
+                uuid,
+                padding: [0; 3],
+                version: DM_ULOG_REQUEST_VERSION,
+                error: self.error,
+                seq: self.seq,
+                request_type: self.request.code(),
+                data_size,
+            }
+            .as_bytes()
+            .to_vec(),
+            Generation::Clog => DmClogRequest {
+                uuid,
+                padding: [0; 7],
+                error: self.error,
+                seq: self.seq,
+                request_type: self.request.code(),
+                data_size,
+            }
+            .as_bytes()
+            .to_vec(),
+        };
+        out.extend_from_slice(&self.data);
+        Ok(out)
+    }
+
+    /// Reads a request or reply in `g`'s layout; `None` for a short buffer, an unknown request
+    /// type, or a `data_size` that disagrees with the bytes present.
+    pub fn decode(g: Generation, bytes: &[u8]) -> Option<Self> {
+        let h = g.header_len();
+        let (head, data) = (bytes.get(..h)?, &bytes[h..]);
+        let (luid, uuid, error, seq, request_type, data_size) = match g {
+            Generation::Ulog => {
+                let r = DmUlogRequest::read_from_bytes(head).ok()?;
+                (r.luid, r.uuid, r.error, r.seq, r.request_type, r.data_size)
+            }
+            Generation::Clog => {
+                let r = DmClogRequest::read_from_bytes(head).ok()?;
+                (0, r.uuid, r.error, r.seq, r.request_type, r.data_size)
+            }
+        };
+        if data_size as usize != data.len() {
+            return None;
+        }
+        let end = uuid.iter().position(|&b| b == 0).unwrap_or(uuid.len());
+        Some(UlogMessage {
+            luid,
+            uuid: uuid[..end].to_vec(),
+            error,
+            seq,
+            request: LogRequest::from_type(request_type)?,
+            data: data.to_vec(),
+        })
+    }
+}
+
+/// MARK_REGION / CLEAR_REGION payloads: the regions as u64s, at most
+/// [`MAX_REGIONS_PER_REQUEST`] per request.
+pub fn region_batches(regions: &[u64]) -> Vec<Vec<u8>> {
+    regions.chunks(MAX_REGIONS_PER_REQUEST).map(|c| c.iter().flat_map(|r| r.to_ne_bytes()).collect()).collect()
+}
+
+/// A reply payload of exactly `N` bytes (GET_REGION_SIZE u64, IS_CLEAN/IN_SYNC s64,
+/// GET_RESYNC_WORK `{s64, u64}`, IS_REMOTE_RECOVERING `{s64, u64}`, GET_SYNC_COUNT u64).
+pub fn fixed_reply<const N: usize>(data: &[u8]) -> Result<[u8; N], UlogError> {
+    data.try_into().map_err(|_| UlogError::Malformed)
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_in_both_layouts_and_the_payload_bound_holds() {
+        let m = UlogMessage {
+            luid: 9,
+            uuid: b"LVM-abc".to_vec(),
+            error: 0,
+            seq: 41,
+            request: LogRequest::MarkRegion,
+            data: region_batches(&[1, 2, 3]).remove(0),
+        };
+        for g in [Generation::Ulog, Generation::Clog] {
+            let b = m.encode(g).unwrap();
+            assert_eq!(b.len(), g.header_len() + 24);
+            let back = UlogMessage::decode(g, &b).unwrap();
+            assert_eq!(back.luid, if g == Generation::Ulog { 9 } else { 0 });
+            assert_eq!((back.uuid, back.seq, back.request, back.data), (m.uuid.clone(), 41, m.request, m.data.clone()));
+            // data_size must match what is there.
+            assert!(UlogMessage::decode(g, &b[..b.len() - 1]).is_none());
+        }
+        // The clog layout puts seq at 140, where the ulog layout has version.
+        let b = m.encode(Generation::Clog).unwrap();
+        assert_eq!(u32::from_ne_bytes(b[140..144].try_into().unwrap()), 41);
+        let big = UlogMessage { data: vec![0; DM_ULOG_MAX_PAYLOAD + 1], ..m.clone() };
+        assert_eq!(big.encode(Generation::Ulog), Err(UlogError::TooBig(333)));
+        let at_bound = UlogMessage { data: vec![0; DM_ULOG_MAX_PAYLOAD], ..m };
+        assert!(at_bound.encode(Generation::Ulog).is_ok());
+    }
+
+    #[test]
+    fn regions_go_32_per_request() {
+        let regions: Vec<u64> = (0..70).collect();
+        let b = region_batches(&regions);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [256, 256, 48]);
+        assert!(b.iter().all(|p| p.len() <= DM_ULOG_MAX_PAYLOAD));
+        assert_eq!(u64::from_ne_bytes(b[2][..8].try_into().unwrap()), 64);
+        assert_eq!(fixed_reply::<8>(&7u64.to_ne_bytes()).map(u64::from_ne_bytes), Ok(7));
+        assert_eq!(fixed_reply::<16>(&[0; 8]), Err(UlogError::Malformed));
+    }
+}
