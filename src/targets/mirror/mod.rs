@@ -543,7 +543,6 @@ impl Target for Mirror {
     fn features(&self) -> Features {
         Features {
             max_io_len: Some(self.shared.region_size),
-            discard_bios: 1,
             write_zeroes_bios: 0,
             end_io: true,
             ..Features::default()
